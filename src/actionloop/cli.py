@@ -1,0 +1,157 @@
+"""The `actionloop` command.
+
+- `actionloop [-debug] [--port N] [--action-dir DIR]`: the container
+  entrypoint, configured by the `OW_*` variables like the reference proxy.
+- `actionloop -version`, `actionloop -compile MAIN` (action on stdin, the
+  prepared action as a zip on stdout), as in the reference proxy.
+- `actionloop serve FILE [--ws PATH] [--main NAME] [--port N]`: run one file
+  as a WebSocket server, through the same code path as auto-init.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from . import __version__, archive, server
+from .config import Config, from_env
+from .errors import ActionLoopError
+from .prepare import prepare
+from .runtime import Runtime, log
+
+
+def entry_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="actionloop",
+        description="OpenWhisk ActionLoop runtime with a WebSocket mode (see also: actionloop serve -h)",
+        allow_abbrev=False,
+    )
+    # Single-dash spellings are the reference proxy's; double-dash the usual.
+    parser.add_argument("-debug", "--debug", action="store_true", default=None, help="verbose; allow re-init")
+    parser.add_argument("-version", "--version", action="store_true", help="print the version and exit")
+    parser.add_argument("-compile", "--compile", metavar="MAIN", help="prepare the action on stdin as a zip on stdout")
+    parser.add_argument("--port", type=int, help="HTTP port (default 8080, or OW_PORT)")
+    parser.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument("--action-dir", type=Path, help="folder for the numbered action folders (default ./action)")
+    return parser
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="actionloop serve", description="Run an action file as a WebSocket server.", allow_abbrev=False
+    )
+    parser.add_argument("file", help="the action: Python source, zip, tar.gz or executable")
+    parser.add_argument("--ws", default="/ws", help="WebSocket path (default /ws)")
+    parser.add_argument("--main", help="entry point (default main)")
+    parser.add_argument("--port", type=int, help="HTTP port (default 8080)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--action-dir", type=Path, help="folder for prepared actions (default: a temporary one)")
+    parser.add_argument("--origin", action="append", help="allowed Origin (repeatable)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["serve"]:
+            return serve_file(serve_parser().parse_args(argv[1:]))
+        args = entry_parser().parse_args(argv)
+        if args.version:
+            print(f"actionloop {__version__}")
+            return 0
+        config = from_env().replace(port=args.port, host=args.host, action_dir=args.action_dir, debug=args.debug)
+    except ValueError as exc:
+        log(f"actionloop: bad setting: {exc}")
+        return 2
+    if args.compile:
+        return compile_action(args.compile, config)
+    return run(config)
+
+
+def serve_file(args: argparse.Namespace) -> int:
+    config = from_env().replace(
+        websocket=args.ws,
+        autoinit=args.file,
+        autoinit_main=args.main,
+        port=args.port,
+        host=args.host,
+        origins=tuple(args.origin) if args.origin else None,
+    )
+    if args.action_dir is not None:
+        return run(config.replace(action_dir=args.action_dir), announce=True)
+    with tempfile.TemporaryDirectory(prefix="actionloop-") as folder:
+        return run(config.replace(action_dir=Path(folder)), announce=True)
+
+
+def compile_action(main: str, config: Config) -> int:
+    """Reference `-compile MAIN`: stdin holds the action, stdout gets a zip."""
+    code = sys.stdin.buffer.read()
+    with tempfile.TemporaryDirectory(prefix="actionloop-compile-") as folder:
+        src, dest = Path(folder, "src"), Path(folder, "bin")
+        src.mkdir()
+        try:
+            archive.unpack(code, True, src, config.max_archive)
+            prepare(src, dest, main, config.compiler, config.execution_env)
+        except ActionLoopError as exc:
+            log(exc.message)
+            return 1
+        sys.stdout.buffer.write(archive.pack(dest))
+    return 0
+
+
+def setup_logging(config: Config) -> None:
+    """In plain OpenWhisk mode our streams are the action's: stay quiet."""
+    quiet = not (config.debug or config.websocket)
+    level = logging.DEBUG if config.debug else logging.CRITICAL if quiet else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def run(config: Config, announce: bool = False) -> int:
+    setup_logging(config)
+    try:
+        import uvloop
+
+        return uvloop.run(serve(config, announce))
+    except ImportError:
+        return asyncio.run(serve(config, announce))
+
+
+async def serve(config: Config, announce: bool) -> int:
+    runtime = Runtime(config)
+    if config.autoinit:
+        try:
+            await runtime.autoinit(config.autoinit, config.autoinit_main)
+        except ActionLoopError as exc:
+            # Loud, so Kubernetes shows a failing pod (SPEC.md part C).
+            log(f"actionloop: auto-init from {config.autoinit} failed: {exc.message}")
+            return 1
+    app = server.build_app(runtime)
+    try:
+        runner = await server.start(app, config)
+    except OSError as exc:
+        log(f"actionloop: cannot listen on {config.host}:{config.port}: {exc.strerror}")
+        await runtime.close()
+        return 1
+    if announce or config.websocket:
+        port = server.bound_port(runner)
+        host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
+        message = f"actionloop {__version__}: WebSocket at ws://{host}:{port}{config.websocket}"
+        (print if announce else log)(message)
+        sys.stdout.flush()
+    await wait_for_signal()
+    await runner.cleanup()
+    await runtime.close()
+    return 0
+
+
+async def wait_for_signal() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()

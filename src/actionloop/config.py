@@ -1,0 +1,102 @@
+"""One frozen settings object, built from environment variables and flags.
+
+The `OW_*` names of the reference proxy keep their meaning (SPEC.md); the
+settings this project adds are listed in SETTINGS with their variables, so the
+README table and the parser cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Setting:
+    field: str
+    env: str
+    doc: str
+
+
+SETTINGS = (
+    Setting("port", "OW_PORT", "HTTP port"),
+    Setting("host", "OW_HOST", "address to listen on"),
+    Setting("action_dir", "OW_ACTION_DIR", "folder of the numbered action folders"),
+    Setting("websocket", "OW_WEBSOCKET", "path of the WebSocket endpoint; empty: none"),
+    Setting("origins", "OW_WEBSOCKET_ORIGIN", "allowed Origin hosts or origins, comma-separated"),
+    Setting("autoinit", "OW_AUTOINIT", "file to initialise the action from at start-up"),
+    Setting("autoinit_main", "OW_AUTOINIT_MAIN", "entry point of the auto-init action"),
+    Setting("wait_for_ack", "OW_WAIT_FOR_ACK", "actions acknowledge start-up on fd 3"),
+    Setting("log_init_error", "OW_LOG_INIT_ERROR", "init failures go to the log, not the reply"),
+    Setting("execution_env", "OW_EXECUTION_ENV", "execution environment stamped on actions"),
+    Setting("compiler", "OW_COMPILER", "script that compiles non-Python sources"),
+    Setting("debug", "OW_DEBUG", "verbose logs; /init may be repeated"),
+    Setting("max_body", "OW_MAX_BODY", "largest /init or /run body, bytes"),
+    Setting("max_message", "OW_WEBSOCKET_MAX_MESSAGE", "largest WebSocket message, bytes"),
+    Setting("max_result", "OW_MAX_RESULT", "largest result line of an action, bytes"),
+    Setting("max_archive", "OW_MAX_ARCHIVE", "largest unpacked size of a zip or tar.gz, bytes"),
+    Setting("start_timeout", "OW_START_TIMEOUT", "seconds an action may take to start"),
+    Setting("stop_grace", "OW_STOP_GRACE", "seconds between SIGTERM and SIGKILL"),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    port: int = 8080
+    host: str = "0.0.0.0"
+    action_dir: Path = Path("action")
+    websocket: str = ""
+    origins: tuple[str, ...] = ()
+    autoinit: str = ""
+    autoinit_main: str = "main"
+    wait_for_ack: bool = False
+    log_init_error: bool = False
+    execution_env: str = ""
+    compiler: str = ""
+    debug: bool = False
+    max_body: int = 64 * MIB
+    max_message: int = 4 * MIB
+    max_result: int = 64 * MIB
+    max_archive: int = 512 * MIB
+    start_timeout: float = 60.0
+    stop_grace: float = 5.0
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _convert(kind: Any, text: str) -> Any:
+    if kind in (bool, "bool"):
+        # The reference treats any non-empty value as set.
+        return text.strip().lower() not in ("", "0", "false", "no", "off")
+    if kind in ("tuple[str, ...]",):
+        return tuple(part for part in text.replace(" ", ",").split(",") if part)
+    if kind in ("Path",):
+        return Path(text)
+    if kind in ("int",):
+        return int(text)
+    if kind in ("float",):
+        return float(text)
+    return text
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> Config:
+    """Settings from the environment (default: os.environ); bad numbers raise."""
+    environ = os.environ if environ is None else environ
+    kinds = {f.name: f.type for f in dataclasses.fields(Config)}
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        text = environ.get(setting.env)
+        if text is None or (text == "" and kinds[setting.field] != "bool"):
+            continue
+        try:
+            values[setting.field] = _convert(kinds[setting.field], text)
+        except ValueError as exc:
+            raise ValueError(f"{setting.env}={text!r}: {exc}") from exc
+    return Config(**values)

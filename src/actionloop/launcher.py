@@ -1,0 +1,111 @@
+"""Run a Python OpenWhisk action in the ActionLoop protocol.
+
+This file runs INSIDE the action process, in the user's Python environment
+(perhaps a virtualenv from the action's zip), so it imports nothing beyond the
+standard library and nothing from the actionloop package. A copy of it sits in
+every prepared action folder beside `__main__.py`.
+
+The loop (SPEC.md part A, "The ActionLoop program side"): import the action,
+write `{"ok": true}` on fd 3, then for each JSON line on stdin call the entry
+point with its `value` and write the result as one JSON line on fd 3. Every
+other key of the line reaches the action as `__OW_<KEY>` in its environment.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import site
+import sys
+import traceback
+from typing import Any, BinaryIO, Callable
+
+Entry = Callable[[Any], Any]
+
+
+def activate_virtualenv(folder: str) -> None:
+    """Put a bundled `virtualenv/` first on the import path, if there is one."""
+    venv = os.path.join(folder, "virtualenv")
+    if not os.path.isdir(venv):
+        return
+    script = os.path.join(venv, "bin", "activate_this.py")
+    if os.path.isfile(script):
+        with open(script) as file:
+            exec(compile(file.read(), script, "exec"), {"__file__": script})
+        return
+    before = list(sys.path)
+    for packages in sorted(glob.glob(os.path.join(venv, "lib", "python3*", "site-packages"))):
+        site.addsitedir(packages)
+    added = [path for path in sys.path if path not in before]
+    sys.path[:] = added + before
+
+
+def load(folder: str, name: str) -> Entry:
+    """Import `__main__.py` as module `main__` and return its entry point."""
+    path = os.path.join(folder, "__main__.py")
+    spec = importlib.util.spec_from_file_location("main__", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["main__"] = module
+    spec.loader.exec_module(module)
+    entry = getattr(module, name, None)
+    if not callable(entry):
+        raise AttributeError(f"the action has no function named {name!r} in __main__.py")
+    return entry
+
+
+def env_text(value: Any) -> str:
+    """Activation keys become environment strings (non-strings as JSON)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def encode(result: Any) -> bytes:
+    """The result line; a value JSON cannot hold becomes an error result."""
+    try:
+        text = json.dumps(result, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        text = json.dumps({"error": f"The action returned a value that is not JSON: {exc}"})
+    return text.encode("utf-8", errors="surrogateescape") + b"\n"
+
+
+def activate(entry: Entry, line: bytes) -> bytes:
+    """Run one activation line through the entry point; return the result line."""
+    request = json.loads(line)
+    args = request.pop("value", {})
+    for key, value in request.items():
+        os.environ["__OW_" + key.upper()] = env_text(value)
+    try:
+        result = entry(args)
+    except Exception as exc:  # noqa: BLE001 - any action error becomes a result
+        traceback.print_exc()
+        result = {"error": str(exc)}
+    return encode(result)
+
+
+def serve(entry: Entry, requests: BinaryIO, results: BinaryIO) -> None:
+    """Answer every stdin line with one result line, until stdin closes."""
+    for line in iter(requests.readline, b""):
+        result = activate(entry, line)
+        # Logs first, then the result: the server writes the end-of-activation
+        # sentinel as soon as it reads the result.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        results.write(result)
+        results.flush()
+
+
+def main(name: str = "main") -> None:
+    """Entry of the `exec` stub that prepare writes into the action folder."""
+    folder = os.path.dirname(os.path.abspath(sys.argv[0]))
+    results = os.fdopen(3, "wb")
+    activate_virtualenv(folder)
+    entry = load(folder, name)
+    # Acknowledge only after the import, so import errors fail /init.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    results.write(b'{"ok": true}\n')
+    results.flush()
+    serve(entry, sys.stdin.buffer, results)

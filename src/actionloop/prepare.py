@@ -1,0 +1,96 @@
+"""Turn unpacked code into a runnable action folder with an `exec` in it.
+
+Three kinds of action (SPEC.md part A, POST /init):
+- an executable `exec` (ELF or `#!`): a generic ActionLoop program, run as-is;
+- with `OW_COMPILER` set: `compiler MAIN SRC BIN` must produce `BIN/exec`;
+- otherwise Python: `__main__.py` (a lone source arrives as `exec`), run by
+  our launcher, which acknowledges on fd 3 once the module is imported.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+from .archive import mark_executable
+from .errors import PrepareError
+
+LAUNCHER = "actionloop_launcher.py"
+# Present in a folder whose `exec` always acknowledges start-up on fd 3.
+ACK_MARKER = "exec.ack"
+EXEC_ENV = "exec.env"
+
+STUB = """#!{python}
+# Written by actionloop: runs the entry point of __main__.py in the
+# ActionLoop protocol (see actionloop_launcher.py beside this file).
+import actionloop_launcher
+
+actionloop_launcher.main({main!r})
+"""
+
+
+def prepare(src: Path, dest: Path, main: str, compiler: str = "", execution_env: str = "") -> Path:
+    """Build `dest` from the unpacked `src`; return the `exec` to start."""
+    if mark_executable(src / "exec"):
+        src.rename(dest)
+    elif compiler:
+        _compile(compiler, main, src, dest)
+    else:
+        _prepare_python(src, dest, main)
+    if execution_env and not (dest / EXEC_ENV).exists():
+        (dest / EXEC_ENV).write_text(execution_env)
+    return dest / "exec"
+
+
+def _compile(compiler: str, main: str, src: Path, dest: Path) -> None:
+    dest.mkdir()
+    try:
+        done = subprocess.run(
+            [compiler, main, str(src), str(dest)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=False,
+        )
+    except OSError as exc:
+        raise PrepareError(f"cannot run the compiler {compiler}: {exc}") from exc
+    # The reference treats any output of the compiler as the failure to report.
+    output = (done.stdout + done.stderr).decode(errors="replace").strip()
+    if output or done.returncode != 0:
+        raise PrepareError(output or f"the compiler exited with status {done.returncode}")
+    if not mark_executable(dest / "exec"):
+        raise PrepareError("the compiler did not produce an executable exec")
+
+
+def _prepare_python(src: Path, dest: Path, main: str) -> None:
+    entry = src / "__main__.py"
+    if not entry.exists() and (src / "exec").is_file():
+        (src / "exec").rename(entry)
+    if not entry.is_file():
+        # The OpenWhisk suite looks for "Zip file does not include".
+        raise PrepareError("Zip file does not include __main__.py")
+    _check_virtualenv(src / "virtualenv")
+    src.rename(dest)
+    launcher = resources.files("actionloop").joinpath("launcher.py").read_bytes()
+    (dest / LAUNCHER).write_bytes(launcher)
+    (dest / "exec").write_text(STUB.format(python=sys.executable, main=main))
+    (dest / "exec").chmod(0o755)
+    (dest / ACK_MARKER).touch()
+
+
+def _check_virtualenv(venv: Path) -> None:
+    """A `virtualenv/` folder must be one the launcher can activate."""
+    if not venv.is_dir():
+        return
+    if (venv / "bin" / "activate_this.py").is_file():
+        return
+    if (venv / "bin").is_dir() and any(venv.glob("lib/python3*/site-packages")):
+        return
+    raise PrepareError("Invalid virtualenv. Zip file does not include /virtualenv/bin/activate_this.py")
+
+
+def discard(folder: Path) -> None:
+    """Remove a half-prepared folder; never fails."""
+    shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,263 @@
+"""One action process: spawn with fd 3, acknowledge, activate, stop.
+
+This module owns every OS handle of an action process: its stdin pipe, its
+result pipe (fd 3 in the child), its pidfd and its process group. The child's
+stdout and stderr are the server's own, as OpenWhisk collects them as the
+action's logs (SPEC.md part A).
+
+Life of a process, one table (the only transitions there are):
+
+    STARTING -> READY     the ack arrived (or, without ack, it did not die)
+    READY    -> BUSY      an activation line was written
+    BUSY     -> READY     its result line was read
+    any      -> DEAD      the process exited, or was killed for a timeout
+    any      -> STOPPED   stop() was called; nothing follows
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import fcntl
+import functools
+import os
+import signal
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+from . import protocol
+from .errors import ActionExited, ActionTimeout, BadResult, StartError
+
+ABRUPT_EXIT = "Command exited abruptly during initialization."
+# Without an ack, a process still alive after this long counts as started.
+NO_ACK_PROBE = 0.05
+# After the process exits, how long results it wrote may still be in flight
+# (a grandchild can hold fd 3 open, so EOF alone is not enough).
+EOF_GRACE = 0.2
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    BUSY = "busy"
+    DEAD = "dead"
+    STOPPED = "stopped"
+
+
+TRANSITIONS = {
+    State.STARTING: {State.READY, State.DEAD, State.STOPPED},
+    State.READY: {State.BUSY, State.DEAD, State.STOPPED},
+    State.BUSY: {State.READY, State.DEAD, State.STOPPED},
+    State.DEAD: {State.DEAD, State.STOPPED},
+    State.STOPPED: {State.STOPPED},
+}
+
+
+def _above_stdio(fd: int) -> int:
+    """Move a pipe end to 10 or above, so dup2 onto 0 or 3 never targets itself."""
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return high
+
+
+def spawn(exec_path: Path, env: Mapping[str, str]) -> tuple[subprocess.Popen[bytes], int, int]:
+    """Start `exec_path` in its folder with a stdin pipe and fd 3 as result pipe.
+
+    Returns the process, our end of its stdin and our end of its fd 3.
+    subprocess cannot map a descriptor to a chosen number, so the child dup2s
+    the result pipe onto 3 itself before exec; every other descriptor of ours
+    is close-on-exec (PEP 446), so close_fds can stay off.
+    """
+    stdin_r, stdin_w = os.pipe()
+    results_r, results_w = os.pipe()
+    results_w = _above_stdio(results_w)
+    try:
+        child = subprocess.Popen(
+            [str(exec_path)],
+            cwd=exec_path.parent,
+            env=dict(env),
+            stdin=stdin_r,
+            close_fds=False,
+            start_new_session=True,
+            preexec_fn=functools.partial(os.dup2, results_w, 3),
+        )
+    except BaseException:
+        for fd in (stdin_w, results_r):
+            os.close(fd)
+        raise
+    finally:
+        os.close(stdin_r)
+        os.close(results_w)
+    return child, stdin_w, results_r
+
+
+class ActionProcess:
+    """A running action program that answers one activation at a time."""
+
+    def __init__(self, exec_path: Path, env: Mapping[str, str], max_result: int) -> None:
+        self.exec_path = exec_path
+        self.env = env
+        self.max_result = max_result
+        self.state = State.STARTING
+        self.returncode: int | None = None
+        self._child: subprocess.Popen[bytes] | None = None
+        self._exited: asyncio.Future[None] | None = None
+        self._results = asyncio.StreamReader(limit=max_result)
+        self._pipes: list[asyncio.BaseTransport] = []
+        self._stdin: asyncio.StreamWriter | None = None
+
+    def _become(self, state: State) -> None:
+        if state not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"action process cannot go from {self.state} to {state}")
+        self.state = state
+
+    @property
+    def alive(self) -> bool:
+        return self.state in (State.STARTING, State.READY, State.BUSY)
+
+    @property
+    def pid(self) -> int | None:
+        return self._child.pid if self._child else None
+
+    async def start(self, ack: bool, timeout: float) -> None:
+        """Spawn and wait until ready; raise StartError with the reason."""
+        loop = asyncio.get_running_loop()
+        try:
+            self._child, stdin_w, results_r = spawn(self.exec_path, self.env)
+        except OSError as exc:
+            self._become(State.DEAD)
+            raise StartError(str(exc)) from exc
+        self._exited = loop.create_future()
+        self._watch_exit(loop)
+        reader, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(self._results), os.fdopen(results_r, "rb", 0)
+        )
+        writer, proto = await loop.connect_write_pipe(
+            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), os.fdopen(stdin_w, "wb", 0)
+        )
+        self._pipes = [reader, writer]
+        self._stdin = asyncio.StreamWriter(writer, proto, None, loop)
+        try:
+            await (self._await_ack(timeout) if ack else self._await_survival())
+        except StartError:
+            await self.stop(0)
+            raise
+        self._become(State.READY)
+
+    def _watch_exit(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self._child is not None
+        pidfd = os.pidfd_open(self._child.pid)
+
+        def reap() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            assert self._child is not None and self._exited is not None
+            self.returncode = self._child.wait()
+            if self.state is not State.STOPPED:
+                self._become(State.DEAD)
+            self._exited.set_result(None)
+            loop.call_later(EOF_GRACE, self._results.feed_eof)
+
+        loop.add_reader(pidfd, reap)
+
+    async def _await_ack(self, timeout: float) -> None:
+        try:
+            line = await asyncio.wait_for(self._results.readline(), timeout)
+        except TimeoutError as exc:
+            raise StartError(f"the action did not acknowledge start-up within {timeout:g}s") from exc
+        except ValueError as exc:
+            raise StartError("the action wrote an over-long line on fd 3 at start-up") from exc
+        if not line.endswith(b"\n"):
+            raise StartError(ABRUPT_EXIT)
+        if not protocol.is_ack(line):
+            raise StartError(f"the action's first line on fd 3 is not an ack: {line[:200]!r}")
+
+    async def _await_survival(self) -> None:
+        assert self._exited is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(self._exited), NO_ACK_PROBE)
+        except TimeoutError:
+            return
+        raise StartError(ABRUPT_EXIT)
+
+    async def invoke(self, line: bytes, timeout: float | None = None) -> bytes:
+        """Send one activation line, return its result (JSON object or array).
+
+        The end-of-activation sentinel goes to stdout and stderr after every
+        activation, answered or not (SPEC.md part A; the reference does too).
+        """
+        if self.state is not State.READY:
+            raise ActionExited()
+        self._become(State.BUSY)
+        try:
+            exchange = self._exchange(line)
+            result = await (exchange if timeout is None else asyncio.wait_for(exchange, timeout))
+        except TimeoutError as exc:
+            await self.kill()
+            raise ActionTimeout(f"the action did not answer within {timeout:g}s") from exc
+        finally:
+            write_sentinels()
+        if self.state is State.BUSY:
+            self._become(State.READY)
+        try:
+            return protocol.check_result(result)
+        except protocol.JSON_ERRORS as exc:
+            raise BadResult() from exc
+
+    async def _exchange(self, line: bytes) -> bytes:
+        assert self._stdin is not None
+        try:
+            self._stdin.write(line)
+            await self._stdin.drain()
+            result = await self._results.readline()
+        except (ConnectionError, OSError) as exc:
+            raise ActionExited() from exc
+        except ValueError as exc:
+            # An over-long result leaves the pipe mid-line: this process is done.
+            await self.kill()
+            raise BadResult() from exc
+        if not result.endswith(b"\n"):
+            raise ActionExited()
+        return result
+
+    async def kill(self) -> None:
+        """Kill the process group now and wait for the process to be reaped."""
+        self._signal(signal.SIGKILL)
+        if self._exited is not None:
+            await self._exited
+
+    def _signal(self, signum: int) -> None:
+        if self._child is None:
+            return
+        try:
+            os.killpg(self._child.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM the process group, SIGKILL after `grace` seconds, reap."""
+        was_alive = self.alive
+        self._become(State.STOPPED)
+        if self._exited is not None:
+            if was_alive:
+                self._signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._exited), grace)
+                except TimeoutError:
+                    pass
+            # Also reaches grandchildren left behind by a process that exited.
+            self._signal(signal.SIGKILL)
+            await self._exited
+        for pipe in self._pipes:
+            pipe.close()
+        self._results.feed_eof()
+
+
+def write_sentinels() -> None:
+    """The end-of-activation line on stdout and stderr, for log collectors."""
+    for fd in (1, 2):
+        try:
+            os.write(fd, protocol.SENTINEL)
+        except OSError:
+            pass

@@ -1,0 +1,178 @@
+"""The action runtime: initialise an action, run activations, stop.
+
+This is what /init, /run, the WebSocket endpoint and auto-init share; the
+server only translates HTTP and WebSocket to these calls. Statuses and
+messages follow SPEC.md part A.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from . import __version__, archive, protocol
+from .config import Config
+from .errors import ActionLoopError, PrepareError, RequestError, StartError
+from .payloads import ALREADY_INITIALISED, InitRequest
+from .pool import Shared
+from .prepare import ACK_MARKER, EXEC_ENV, discard, prepare
+from .process import ActionProcess
+
+NO_ACTION = "no action defined yet"
+PREPARE_FAILED_LOGGED = "The action failed to generate or locate a binary. See logs for details."
+START_FAILED_LOGGED = "Cannot start action. Check logs for details."
+ENV_MISMATCH = "Execution environment version mismatch. See logs for details."
+
+
+def log(message: str) -> None:
+    """One line on stderr, where OpenWhisk and Kubernetes collect logs."""
+    sys.stderr.write(message.rstrip("\n") + "\n")
+    sys.stderr.flush()
+
+
+def next_folder(base: Path) -> Path:
+    """A new numbered folder under `base`: each init gets its own."""
+    base.mkdir(parents=True, exist_ok=True)
+    numbers = [int(p.name) for p in base.iterdir() if p.name.isdigit()]
+    number = max(numbers, default=0) + 1
+    while True:
+        folder = base / str(number)
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            number += 1
+
+
+class Runtime:
+    """The state of one runtime: its settings and its initialised action."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.runner: Shared | None = None
+        self._init_lock = asyncio.Lock()
+
+    @property
+    def initialized(self) -> bool:
+        return self.runner is not None
+
+    def check_can_init(self) -> None:
+        """Refuse a second /init unless debugging (the reference logs it too)."""
+        if self.initialized and not self.config.debug:
+            log(ALREADY_INITIALISED)
+            raise RequestError(ALREADY_INITIALISED, 403)
+
+    async def init(self, request: InitRequest) -> None:
+        """Unpack, prepare and start an action; raise with the reply to give."""
+        async with self._init_lock:
+            self.check_can_init()
+            folder = next_folder(self.config.action_dir.absolute())
+            try:
+                exec_path = await asyncio.to_thread(self._prepare, request, folder)
+            except PrepareError as exc:
+                discard(folder)
+                raise self._init_failure(exc, PREPARE_FAILED_LOGGED) from exc
+            runner = Shared(self._starter(exec_path, request.env), self.config.stop_grace)
+            try:
+                await runner.open()
+            except StartError as exc:
+                raise self._init_failure(exc, START_FAILED_LOGGED, "cannot start action: ") from exc
+            previous, self.runner = self.runner, runner
+        if previous is not None:
+            await previous.close()
+
+    def _prepare(self, request: InitRequest, folder: Path) -> Path:
+        src = folder / "src"
+        src.mkdir()
+        archive.unpack(request.code, request.binary, src, self.config.max_archive)
+        return prepare(
+            src,
+            folder / "bin",
+            request.main,
+            compiler=self.config.compiler,
+            execution_env=self.config.execution_env,
+        )
+
+    def _init_failure(self, exc: ActionLoopError, logged: str, prefix: str = "") -> ActionLoopError:
+        """With OW_LOG_INIT_ERROR the reason goes to the log, then the sentinels."""
+        if not self.config.log_init_error:
+            return type(exc)(prefix + exc.message)
+        log(exc.message)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os.write(1, protocol.SENTINEL)
+        os.write(2, protocol.SENTINEL)
+        return type(exc)(logged)
+
+    def _starter(self, exec_path: Path, init_env: Mapping[str, str]) -> Any:
+        env = self.action_env(init_env)
+        ack = self.config.wait_for_ack or (exec_path.parent / ACK_MARKER).exists()
+
+        async def start() -> ActionProcess:
+            self._check_execution_env(exec_path)
+            process = ActionProcess(exec_path, env, self.config.max_result)
+            await process.start(ack, self.config.start_timeout)
+            return process
+
+        return start
+
+    def action_env(self, init_env: Mapping[str, str]) -> dict[str, str]:
+        """The action's environment (SPEC.md part A, the `env` rules)."""
+        env = dict(os.environ)
+        env.update(init_env)
+        env["__OW_PROXY_VERSION"] = __version__
+        env["__OW_EXECUTION_ENV"] = self.config.execution_env
+        env["__OW_WAIT_FOR_ACK"] = "1" if self.config.wait_for_ack else ""
+        env.setdefault("PYTHONIOENCODING", "UTF-8")
+        return env
+
+    def _check_execution_env(self, exec_path: Path) -> None:
+        expected = self.config.execution_env
+        if not expected:
+            return
+        stamp = exec_path.parent / EXEC_ENV
+        actual = stamp.read_text().strip() if stamp.exists() else ""
+        if actual != expected:
+            log(f"Expected execution environment {expected!r}, the action has {actual!r}.")
+            raise StartError(ENV_MISMATCH)
+
+    async def run(self, body: dict[str, Any]) -> bytes:
+        """One /run activation: the body, encoded anew, is the stdin line."""
+        if self.runner is None:
+            raise ActionLoopError(NO_ACTION, 500)
+        return await self.runner.invoke(protocol.run_line(body))
+
+    async def message(self, data: str | bytes, connection: str) -> bytes:
+        """One WebSocket message: the reply to send, a result or an error."""
+        try:
+            value = protocol.loads(data)
+        except protocol.JSON_ERRORS as exc:
+            return protocol.error(f"The message is not valid JSON: {exc}")
+        if self.runner is None:
+            return protocol.error(NO_ACTION)
+        meta = {"activation_id": uuid.uuid4().hex, "connection_id": connection}
+        line = protocol.run_line(protocol.message_body(value, meta))
+        try:
+            return await self.runner.invoke(line)
+        except ActionLoopError as exc:
+            return protocol.error(exc.message)
+
+    async def autoinit(self, path: str, main: str) -> None:
+        """Initialise from a file as if it came to /init (SPEC.md part B)."""
+        try:
+            code = Path(path).read_bytes()
+        except OSError as exc:
+            raise StartError(f"cannot read {path}: {exc.strerror}") from exc
+        if not code.strip():
+            raise RequestError(f"{path} is empty")
+        # Binary lets unpack tell zip, tar.gz, executable and source apart.
+        await self.init(InitRequest(code, binary=True, main=main))
+
+    async def close(self) -> None:
+        if self.runner is not None:
+            await self.runner.close()
