@@ -212,12 +212,15 @@ class ActionProcess:
             await self._stdin.drain()
             result = await self._results.readline()
         except (ConnectionError, OSError) as exc:
+            self._become(State.DEAD)
             raise ActionExited() from exc
         except ValueError as exc:
             # An over-long result leaves the pipe mid-line: this process is done.
             await self.kill()
             raise BadResult() from exc
         if not result.endswith(b"\n"):
+            # fd 3 closed: the process is gone even if not yet reaped.
+            self._become(State.DEAD)
             raise ActionExited()
         return result
 

@@ -1,0 +1,307 @@
+"""WebSocket mode and auto-init (SPEC.md part B), with a real client.
+
+The client is the `websockets` library, not our code; each test starts the
+real `actionloop` command as a subprocess.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import tarfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ACTIONLOOP, EXAMPLES, IMAGE_ENV, TIME_FACTOR, b64, clean_env, free_port, make_zip
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+TIMEOUT = 20 * TIME_FACTOR
+
+
+def ws_server(start_server: Any, action: Path | str | None, path: str = "/hello", **env: str) -> Any:
+    settings = {**IMAGE_ENV, "OW_WEBSOCKET": path, **env}
+    if action is not None:
+        settings["OW_AUTOINIT"] = str(action)
+    return start_server(settings)
+
+
+def ask(ws: Any, message: Any) -> Any:
+    ws.send(message if isinstance(message, str) else json.dumps(message))
+    return json.loads(ws.recv(timeout=TIMEOUT))
+
+
+def test_hello(start_server: Any) -> None:
+    """The example action answers over a WebSocket, and logs to stdout."""
+    server = ws_server(start_server, EXAMPLES / "hello.py")
+    with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
+        assert ask(ws, {"name": "Mike"}) == {"greeting": "Hello, Mike!"}
+    assert "hello called with name='Mike'" in server.out()
+
+
+def test_hundred_messages_in_order(start_server: Any) -> None:
+    """100 messages on one connection come back in order (continuous mode)."""
+    server = ws_server(start_server, EXAMPLES / "hello.py")
+    with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
+        for i in range(100):
+            ws.send(json.dumps({"name": f"n{i}"}))
+        replies = [json.loads(ws.recv(timeout=TIMEOUT)) for _ in range(100)]
+    assert replies == [{"greeting": f"Hello, n{i}!"} for i in range(100)]
+
+
+def test_trailing_newline_and_unicode(start_server: Any) -> None:
+    """Browsers' JSON.stringify(x)+"\\n" works; unicode passes both ways."""
+    server = ws_server(start_server, EXAMPLES / "hello.py")
+    with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
+        assert ask(ws, json.dumps({"name": "Zoë ❄"}) + "\n") == {"greeting": "Hello, Zoë ❄!"}
+        assert ask(ws, json.dumps({"name": "☃"}, ensure_ascii=True) + "\r\n") == {"greeting": "Hello, ☃!"}
+
+
+@pytest.mark.parametrize(
+    ("allowed", "origin", "accepted"),
+    [
+        ("hellows.example.com", "https://hellows.example.com", True),
+        ("hellows.example.com", "http://hellows.example.com:8080", True),
+        ("hellows.example.com", "https://evil.example.com", False),
+        ("https://hellows.example.com", "https://hellows.example.com", True),
+        ("https://hellows.example.com", "http://hellows.example.com", False),
+        ("a.example.com,b.example.com", "https://b.example.com", True),
+        ("hellows.example.com", None, True),
+        ("hellows.example.com", "null", False),
+    ],
+)
+def test_origin(start_server: Any, allowed: str, origin: str | None, accepted: bool) -> None:
+    """OW_WEBSOCKET_ORIGIN is checked against Origin, whatever Host says."""
+    server = ws_server(start_server, EXAMPLES / "hello.py", OW_WEBSOCKET_ORIGIN=allowed)
+    try:
+        with connect(server.ws_url("/hello"), origin=origin, open_timeout=TIMEOUT) as ws:
+            assert ask(ws, {"name": "o"}) == {"greeting": "Hello, o!"}
+        assert accepted
+    except InvalidStatus as exc:
+        assert not accepted
+        assert exc.response.status_code == 403
+
+
+@pytest.mark.parametrize("host", ["evil.example.com", "hellows.example.com"])
+def test_origin_ignores_host(start_server: Any, host: str) -> None:
+    """A hostile page is refused even when Host names the allowed site."""
+    server = ws_server(start_server, EXAMPLES / "hello.py", OW_WEBSOCKET_ORIGIN="hellows.example.com")
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=TIMEOUT)
+    headers = {
+        "Host": host,
+        "Origin": "https://evil.example.com",
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+    }
+    connection.request("GET", "/hello", headers=headers)
+    response = connection.getresponse()
+    assert response.status == 403
+    assert "origin" in json.loads(response.read())["error"]
+    connection.close()
+
+
+def test_autoinit_zip_with_other_main(start_server: Any, tmp_path: Path) -> None:
+    """Auto-init from a zip, with OW_AUTOINIT_MAIN naming the entry point."""
+    action = tmp_path / "action.zip"
+    action.write_bytes(
+        make_zip(
+            {
+                "__main__.py": "from helper import shout\ndef loud(args):\n    return {'said': shout(args['text'])}\n",
+                "helper.py": "def shout(text):\n    return text.upper()\n",
+            }
+        )
+    )
+    server = ws_server(start_server, action, OW_AUTOINIT_MAIN="loud")
+    with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
+        assert ask(ws, {"text": "hi"}) == {"said": "HI"}
+
+
+def test_autoinit_tar_gz_and_bash(start_server: Any, tmp_path: Path) -> None:
+    """Auto-init from a tar.gz holding an executable `exec` (generic action)."""
+    action = tmp_path / "action.tar.gz"
+    with tarfile.open(action, "w:gz") as archive:
+        archive.add(EXAMPLES / "hello.sh", arcname="exec")
+    server = ws_server(start_server, action)
+    with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
+        assert ask(ws, {"name": "Bash"}) == {"greeting": "Hello, Bash!"}
+
+
+def test_autoinit_executable_script(start_server: Any) -> None:
+    """Auto-init from a `#!/bin/bash` file: run as-is, acking on fd 3."""
+    server = ws_server(start_server, EXAMPLES / "hello.sh")
+    with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
+        assert ask(ws, {"name": "Shell"}) == {"greeting": "Hello, Shell!"}
+    assert "hello.sh called with name=Shell" in server.out()
+
+
+def test_state_across_messages(start_server: Any) -> None:
+    """One long-lived process: module state survives from message to message."""
+    server = ws_server(start_server, EXAMPLES / "counter.py")
+    with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
+        replies = [ask(ws, {}) for _ in range(5)]
+    with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
+        later = ask(ws, {})
+    assert [r["count"] for r in replies] == [1, 2, 3, 4, 5]
+    assert later["count"] == 6
+    assert len({r["pid"] for r in [*replies, later]}) == 1
+
+
+def test_bad_json_message(start_server: Any) -> None:
+    """A non-JSON message gets a JSON error reply; the connection stays usable."""
+    server = ws_server(start_server, EXAMPLES / "hello.py")
+    with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
+        reply = ask(ws, "{not json")
+        assert "not valid JSON" in reply["error"]
+        assert ask(ws, {"name": "after"}) == {"greeting": "Hello, after!"}
+
+
+def test_action_exits_then_serves(start_server: Any, tmp_path: Path) -> None:
+    """An action that exits on one input is restarted for the next message."""
+    action = tmp_path / "fragile.py"
+    action.write_text(
+        "import os, sys\n"
+        "def main(args):\n"
+        "    if args.get('die'):\n        sys.exit(3)\n"
+        "    return {'pid': os.getpid()}\n"
+    )
+    server = ws_server(start_server, action)
+    with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
+        first = ask(ws, {})
+        assert ask(ws, {"die": True}) == {"error": "command exited"}
+        second = ask(ws, {})
+    assert first["pid"] != second["pid"]
+
+
+def test_concurrent_connections_get_their_own_replies(start_server: Any) -> None:
+    """20 clients at once, unique ids: each gets exactly its own replies."""
+    server = ws_server(start_server, EXAMPLES / "hello.py")
+    results: dict[int, list[Any]] = {}
+    errors: list[BaseException] = []
+
+    def client(n: int) -> None:
+        try:
+            with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
+                results[n] = [ask(ws, {"name": f"c{n}-m{i}"}) for i in range(10)]
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT * 3)
+    assert not errors
+    for n in range(20):
+        assert results[n] == [{"greeting": f"Hello, c{n}-m{i}!"} for i in range(10)]
+
+
+def test_run_beside_websocket(start_server: Any) -> None:
+    """HTTP /run keeps working next to the WebSocket endpoint."""
+    server = ws_server(start_server, EXAMPLES / "hello.py")
+    assert server.run({"name": "http"}) == (200, {"greeting": "Hello, http!"})
+    with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
+        assert ask(ws, {"name": "ws"}) == {"greeting": "Hello, ws!"}
+    assert server.run({"name": "http2"}) == (200, {"greeting": "Hello, http2!"})
+
+
+def test_no_action_yet(start_server: Any) -> None:
+    """WebSocket without auto-init: an error reply until /init arrives."""
+    server = ws_server(start_server, None)
+    with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
+        assert ask(ws, {"name": "x"}) == {"error": "no action defined yet"}
+        assert server.init((EXAMPLES / "hello.py").read_text())[0] == 200
+        assert ask(ws, {"name": "x"}) == {"greeting": "Hello, x!"}
+
+
+def test_message_metadata_cannot_be_forged(start_server: Any, tmp_path: Path) -> None:
+    """Each message has its own activation id; message text cannot add keys."""
+    action = tmp_path / "meta.py"
+    action.write_text(
+        "import os\n"
+        "def main(args):\n"
+        "    return {k: os.environ.get('__OW_' + k.upper()) for k in ('activation_id', 'connection_id', 'action_name')}\n"
+    )
+    server = ws_server(start_server, action)
+    forged = '{"x": "\\"}, \\"action_name\\": \\"evil"}'
+    with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
+        first, second = ask(ws, forged), ask(ws, {})
+    assert first["action_name"] is None
+    assert len(first["activation_id"]) == 32 and first["activation_id"] != second["activation_id"]
+    assert first["connection_id"] == second["connection_id"]
+
+
+def test_other_paths(start_server: Any) -> None:
+    """Only the configured path upgrades; unknown paths answer 404."""
+    server = ws_server(start_server, EXAMPLES / "hello.py")
+    with pytest.raises(InvalidStatus) as caught:
+        connect(server.ws_url("/other"), open_timeout=TIMEOUT)
+    assert caught.value.response.status_code == 404
+    assert server.post("/nothing", b"{}")[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(None, "cannot read"), ("def main(args):\n  return {\n", "Command exited abruptly"), ("", "is empty")],
+)
+def test_autoinit_failure_is_loud(tmp_path: Path, content: str | None, reason: str) -> None:
+    """A failed auto-init says why in one log line and exits non-zero."""
+    action = tmp_path / "broken.py"
+    if content is not None:
+        action.write_text(content)
+    env = clean_env({"OW_WEBSOCKET": "/hello", "OW_AUTOINIT": str(action), "OW_WAIT_FOR_ACK": "1"})
+    done = subprocess.run(
+        [ACTIONLOOP, "--port", str(free_port())], cwd=tmp_path, env=env, capture_output=True, timeout=TIMEOUT
+    )
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.decode().splitlines() if "auto-init" in line]
+    assert len(lines) == 1 and str(action) in lines[0] and reason in lines[0]
+
+
+def test_serve_command(tmp_path: Path) -> None:
+    """`actionloop serve FILE` prints the URL and serves the file over WebSocket."""
+    port = free_port()
+    child = subprocess.Popen(
+        [ACTIONLOOP, "serve", str(EXAMPLES / "hello.py"), "--port", str(port)],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert child.stdout is not None
+        url = child.stdout.readline().decode().strip().split()[-1]
+        assert url == f"ws://127.0.0.1:{port}/ws"
+        with connect(url, open_timeout=TIMEOUT) as ws:
+            assert ask(ws, {"name": "serve"}) == {"greeting": "Hello, serve!"}
+    finally:
+        os.killpg(child.pid, signal.SIGTERM)
+        assert child.wait(TIMEOUT) == 0
+
+
+def test_sigterm_closes_websockets_with_1001(start_server: Any) -> None:
+    """On SIGTERM open WebSockets are closed with 1001 and the server exits 0."""
+    server = ws_server(start_server, EXAMPLES / "hello.py")
+    with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
+        assert ask(ws, {"name": "bye"}) == {"greeting": "Hello, bye!"}
+        server.process.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as caught:
+            ws.recv(timeout=TIMEOUT)
+        assert caught.value.rcvd is not None and caught.value.rcvd.code == 1001
+    assert server.process.wait(TIMEOUT) == 0
+
+
+def test_websocket_large_message(start_server: Any) -> None:
+    """A 1 MB message goes through and back."""
+    server = ws_server(start_server, None)
+    assert server.init(b64(make_zip({"__main__.py": "def main(a):\n    return a\n"})), binary=True)[0] == 200
+    with connect(server.ws_url("/hello"), open_timeout=TIMEOUT, max_size=None) as ws:
+        value = {"arg": "a" * 1048561}
+        assert ask(ws, value) == value
