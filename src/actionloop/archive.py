@@ -60,8 +60,9 @@ def _unzip(code: bytes, dest: Path, max_bytes: int) -> None:
         with zipfile.ZipFile(io.BytesIO(code)) as archive:
             infos = archive.infolist()
             _check_size(sum(info.file_size for info in infos), max_bytes)
-            for info in infos:
-                _extract_zip_entry(archive, info, _safe_name(dest, info.filename))
+            targets = [_safe_name(dest, info.filename) for info in infos]
+            for info, target in zip(infos, targets, strict=True):
+                _extract_zip_entry(archive, info, target)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as exc:
         raise PrepareError(f"Cannot unpack the zip file: {exc}") from exc
 

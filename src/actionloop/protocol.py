@@ -9,6 +9,7 @@ process layer moves the bytes.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
@@ -23,16 +24,20 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# 19 digits in a row may be an integer past 64 bits, which orjson would turn
+# into a float (or refuse); the standard parser keeps it exact.
+_LONG_DIGITS = re.compile(rb"\d{19}")
+
+
 def loads(data: bytes | str) -> Any:
-    """Parse strict JSON; integers beyond 64 bits are kept, not refused."""
+    """Parse strict JSON; integers beyond 64 bits stay exact integers."""
+    raw = data.encode() if isinstance(data, str) else data
+    if not _LONG_DIGITS.search(raw):
+        return orjson.loads(raw)
     try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        # orjson refuses integers past 64 bits; the standard parser keeps them.
-        try:
-            return json.loads(data, parse_constant=_reject_constant)
-        except RecursionError as exc:
-            raise ValueError("JSON nested too deeply") from exc
+        return json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply") from exc
 
 
 def dumps(value: Any) -> bytes:

@@ -1,0 +1,47 @@
+"""Settings from environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from actionloop.config import SETTINGS, Config, from_env
+
+
+def test_defaults_match_the_reference() -> None:
+    """Port 8080, ./action, nothing optional turned on."""
+    config = from_env({})
+    assert config == Config()
+    assert config.port == 8080 and config.action_dir == Path("action") and not config.websocket
+
+
+def test_variables() -> None:
+    """Each kind of setting parses from its variable."""
+    config = from_env(
+        {
+            "OW_PORT": "9000",
+            "OW_WEBSOCKET": "/hello",
+            "OW_WEBSOCKET_ORIGIN": "a.example.com, https://b.example.com",
+            "OW_WAIT_FOR_ACK": "1",
+            "OW_LOG_INIT_ERROR": "",
+            "OW_START_TIMEOUT": "2.5",
+            "OW_ACTION_DIR": "/tmp/x",
+        }
+    )
+    assert config.port == 9000 and config.websocket == "/hello"
+    assert config.origins == ("a.example.com", "https://b.example.com")
+    assert config.wait_for_ack is True and config.log_init_error is False
+    assert config.start_timeout == 2.5 and config.action_dir == Path("/tmp/x")
+
+
+def test_bad_number_names_the_variable() -> None:
+    """A malformed number is refused, naming the variable."""
+    with pytest.raises(ValueError, match="OW_PORT"):
+        from_env({"OW_PORT": "eighty"})
+
+
+def test_every_setting_is_a_field() -> None:
+    """The settings table and the Config fields cannot drift apart."""
+    fields = set(Config.__dataclass_fields__)
+    assert {s.field for s in SETTINGS} <= fields
