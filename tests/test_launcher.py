@@ -1,0 +1,104 @@
+"""The Python launcher on its own, in tiny real child processes.
+
+The child runs the `exec` stub that prepare writes, with bash mapping its fd 3
+onto a pipe we read; nothing of the server is involved.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import TIME_FACTOR
+
+from actionloop.prepare import prepare
+
+
+def make_action(tmp_path: Path, source: str, main: str = "main") -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "__main__.py").write_text(source)
+    return prepare(src, tmp_path / "bin", main)
+
+
+def launch(exec_path: Path, lines: list[dict[str, object]], env: dict[str, str] | None = None) -> tuple[int, list[object], str, str]:
+    """Run the action with these stdin lines; (exit code, fd 3 lines, stdout, stderr)."""
+    stdout = exec_path.parent / "stdout.txt"
+    done = subprocess.run(
+        ["bash", "-c", 'exec ./exec 3>&1 1>"$0"', str(stdout)],
+        cwd=exec_path.parent,
+        input=b"".join(json.dumps(line).encode() + b"\n" for line in lines),
+        capture_output=True,
+        env=env,
+        timeout=20 * TIME_FACTOR,
+    )
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    return done.returncode, results, stdout.read_text(), done.stderr.decode()
+
+
+def test_ack_then_one_result_per_line(tmp_path: Path) -> None:
+    """The first fd 3 line is the ack, then one result per stdin line, then exit 0 at EOF."""
+    exec_path = make_action(tmp_path, "def main(args):\n    return {'got': args}\n")
+    code, results, _, _ = launch(exec_path, [{"value": {"a": 1}}, {"value": [1, 2]}])
+    assert code == 0
+    assert results == [{"ok": True}, {"got": {"a": 1}}, {"got": [1, 2]}]
+
+
+def test_keys_become_ow_environment(tmp_path: Path) -> None:
+    """Every key but value reaches the action as __OW_<KEY>; non-strings as JSON."""
+    source = "import os\ndef main(args):\n    return {k: os.environ.get(k) for k in ('__OW_ACTIVATION_ID', '__OW_DEADLINE')}\n"
+    _, results, _, _ = launch(make_action(tmp_path, source), [{"value": {}, "activation_id": "abc", "deadline": 123}])
+    assert results[1] == {"__OW_ACTIVATION_ID": "abc", "__OW_DEADLINE": "123"}
+
+
+def test_exception_becomes_error_result_and_traceback(tmp_path: Path) -> None:
+    """An exception in main is an error result; the traceback goes to stderr; serving goes on."""
+    source = "def main(args):\n    if args.get('boom'):\n        raise RuntimeError('kaboom')\n    return {'fine': True}\n"
+    code, results, _, err = launch(make_action(tmp_path, source), [{"value": {"boom": 1}}, {"value": {}}])
+    assert code == 0 and results[1:] == [{"error": "kaboom"}, {"fine": True}]
+    assert "Traceback" in err and "RuntimeError: kaboom" in err
+
+
+def test_unencodable_result(tmp_path: Path) -> None:
+    """A result JSON cannot hold becomes an error result, not a crash."""
+    _, results, _, _ = launch(make_action(tmp_path, "def main(args):\n    return {'s': {1, 2}}\n"), [{"value": {}}])
+    assert "not JSON" in results[1]["error"]
+
+
+def test_logs_are_flushed_before_the_result(tmp_path: Path) -> None:
+    """print() output reaches stdout before the result is written."""
+    source = "def main(args):\n    print('log line', args['n'])\n    return {}\n"
+    _, results, out, _ = launch(make_action(tmp_path, source), [{"value": {"n": 1}}, {"value": {"n": 2}}])
+    assert out.splitlines() == ["log line 1", "log line 2"] and len(results) == 3
+
+
+def test_import_error_exits_without_ack(tmp_path: Path) -> None:
+    """An import error prints a traceback and exits before acknowledging."""
+    code, results, _, err = launch(make_action(tmp_path, "import nosuchmodule\n"), [])
+    assert code != 0 and results == [] and "ModuleNotFoundError" in err
+
+
+def test_missing_entry_point(tmp_path: Path) -> None:
+    """A missing entry point is named in the error."""
+    code, results, _, err = launch(make_action(tmp_path, "def main(args):\n    return {}\n", main="nope"), [])
+    assert code != 0 and results == [] and "'nope'" in err
+
+
+def test_unicode_result(tmp_path: Path) -> None:
+    """Results are UTF-8 JSON with the characters as they are."""
+    exec_path = make_action(tmp_path, "def main(args):\n    return {'w': args['d'] + ' ☃'}\n")
+    _, results, _, _ = launch(exec_path, [{"value": {"d": "❄"}}])
+    assert results[1] == {"w": "❄ ☃"}
+
+
+def test_virtualenv_site_packages_come_first(tmp_path: Path) -> None:
+    """A bundled virtualenv's packages shadow the interpreter's own."""
+    src = tmp_path / "src"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(src / "virtualenv")], check=True)
+    packages = next((src / "virtualenv").glob("lib/python3*/site-packages"))
+    (packages / "json_shadow_probe.py").write_text("WHERE = 'venv'\n")
+    (src / "__main__.py").write_text("import json_shadow_probe\ndef main(args):\n    return {'where': json_shadow_probe.WHERE}\n")
+    _, results, _, _ = launch(prepare(src, tmp_path / "bin", "main"), [{"value": {}}])
+    assert results[1] == {"where": "venv"}

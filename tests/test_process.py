@@ -1,0 +1,147 @@
+"""One action process, with tiny real children (bash scripts)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TIME_FACTOR
+
+from actionloop.errors import ActionExited, ActionTimeout, BadResult, StartError
+from actionloop.process import ActionProcess, State
+
+ECHO = """#!/bin/bash
+[ -n "$ACK" ] && echo '{"ok": true}' >&3
+while read -r line; do
+  case "$line" in
+    *die*) exit 7 ;;
+    *hang*) sleep 100 ;;
+    *text*) echo 'not json' >&3 ;;
+    *) echo "$line" >&3 ;;
+  esac
+done
+"""
+
+
+def script(tmp_path: Path, body: str = ECHO) -> Path:
+    path = tmp_path / "exec"
+    path.write_text(body)
+    path.chmod(0o755)
+    return path
+
+
+async def started(path: Path, ack: bool = True) -> ActionProcess:
+    env = dict(os.environ, ACK="1" if ack else "")
+    process = ActionProcess(path, env, max_result=1 << 20)
+    await process.start(ack, timeout=10 * TIME_FACTOR)
+    return process
+
+
+def test_results_come_from_fd_3(tmp_path: Path) -> None:
+    """The child's fd 3 is the result pipe; stdin carries the activation lines."""
+
+    async def scenario() -> None:
+        process = await started(script(tmp_path))
+        assert process.state is State.READY
+        assert await process.invoke(b'{"value":{"a":1}}\n') == b'{"value":{"a":1}}'
+        assert await process.invoke(b"[1,2]\n") == b"[1,2]"
+        await process.stop(1)
+        assert process.state is State.STOPPED
+
+    asyncio.run(scenario())
+
+
+def test_child_runs_in_its_folder(tmp_path: Path) -> None:
+    """The action runs with its folder as working directory."""
+    body = '#!/bin/bash\nwhile read -r l; do echo "[\\"$PWD\\"]" >&3; done\n'
+
+    async def scenario() -> bytes:
+        process = await started(script(tmp_path, body), ack=False)
+        try:
+            return await process.invoke(b"{}\n")
+        finally:
+            await process.stop(1)
+
+    assert asyncio.run(scenario()) == f'["{tmp_path}"]'.encode()
+
+
+def test_exit_during_activation(tmp_path: Path) -> None:
+    """A child that dies mid-activation raises ActionExited and is dead at once."""
+
+    async def scenario() -> None:
+        process = await started(script(tmp_path))
+        with pytest.raises(ActionExited):
+            await process.invoke(b'{"die":1}\n')
+        assert not process.alive
+        with pytest.raises(ActionExited):
+            await process.invoke(b"{}\n")
+        await process.stop(1)
+        assert process.returncode == 7
+
+    asyncio.run(scenario())
+
+
+def test_bad_result(tmp_path: Path) -> None:
+    """A result that is not a JSON object or array is BadResult; the process serves on."""
+
+    async def scenario() -> None:
+        process = await started(script(tmp_path))
+        with pytest.raises(BadResult):
+            await process.invoke(b'{"text":1}\n')
+        assert await process.invoke(b"{}\n") == b"{}"
+        await process.stop(1)
+
+    asyncio.run(scenario())
+
+
+def test_timeout_kills(tmp_path: Path) -> None:
+    """A hung activation times out and the process is killed."""
+
+    async def scenario() -> None:
+        process = await started(script(tmp_path))
+        with pytest.raises(ActionTimeout):
+            await process.invoke(b'{"hang":1}\n', timeout=0.3 * TIME_FACTOR)
+        assert process.state is State.DEAD
+        await process.stop(1)
+
+    asyncio.run(scenario())
+
+
+def test_start_failures(tmp_path: Path) -> None:
+    """No ack before exit, a wrong first line, or no file: StartError, with the reason."""
+
+    async def scenario() -> None:
+        with pytest.raises(StartError, match="abruptly"):
+            await started(script(tmp_path, "#!/bin/bash\nexit 1\n"))
+        with pytest.raises(StartError, match="not an ack"):
+            await started(script(tmp_path, "#!/bin/bash\necho '{}' >&3\nsleep 5\n"))
+        with pytest.raises(StartError, match="abruptly"):
+            await started(script(tmp_path, "#!/bin/bash\nexit 1\n"), ack=False)
+        with pytest.raises(StartError):
+            await started(tmp_path / "missing")
+
+    asyncio.run(scenario())
+
+
+def test_stop_reaps_the_whole_group(tmp_path: Path) -> None:
+    """stop() ends the action's own children too: no orphans."""
+    pidfile = tmp_path / "grandchild.pid"
+    body = f"#!/bin/bash\nsleep 100 &\necho $! > {pidfile}\necho '{{\"ok\": true}}' >&3\nwait\n"
+
+    async def scenario() -> None:
+        process = await started(script(tmp_path, body))
+        await process.stop(1)
+
+    asyncio.run(scenario())
+    grandchild = int(pidfile.read_text())
+    deadline = time.monotonic() + 5 * TIME_FACTOR
+    while time.monotonic() < deadline:
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the action's child survived stop()")
