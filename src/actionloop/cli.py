@@ -52,6 +52,7 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--action-dir", type=Path, help="folder for prepared actions (default: a temporary one)")
     parser.add_argument("--origin", action="append", help="allowed Origin (repeatable)")
+    parser.add_argument("--no-demo", action="store_true", help="do not serve the demo page at /")
     return parser
 
 
@@ -81,6 +82,7 @@ def serve_file(args: argparse.Namespace) -> int:
         port=args.port,
         host=args.host,
         origins=tuple(args.origin) if args.origin else None,
+        demo=not args.no_demo,
     )
     if args.action_dir is not None:
         return run(config.replace(action_dir=args.action_dir), announce=True)
@@ -141,6 +143,8 @@ async def serve(config: Config, announce: bool) -> int:
         port = server.bound_port(runner)
         host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
         message = f"actionloop {__version__}: WebSocket at ws://{host}:{port}{config.websocket}"
+        if config.demo:
+            message += f"\nactionloop {__version__}: demo page at http://{host}:{port}/"
         (print if announce else log)(message)
         sys.stdout.flush()
     await wait_for_signal()

@@ -43,6 +43,9 @@ SETTINGS = (
     Setting("max_archive", "OW_MAX_ARCHIVE", "largest unpacked size of a zip or tar.gz, bytes"),
     Setting("start_timeout", "OW_START_TIMEOUT", "seconds an action may take to start"),
     Setting("stop_grace", "OW_STOP_GRACE", "seconds between SIGTERM and SIGKILL"),
+    Setting("drain_timeout", "OW_DRAIN_TIMEOUT", "seconds in-flight work may take after SIGTERM"),
+    Setting("ping_interval", "OW_WEBSOCKET_PING", "seconds between keep-alive pings; 0: none"),
+    Setting("demo", "OW_DEMO", "serve the demo page at /"),
 )
 
 
@@ -66,6 +69,10 @@ class Config:
     max_archive: int = 512 * MIB
     start_timeout: float = 60.0
     stop_grace: float = 5.0
+    drain_timeout: float = 20.0
+    # Well under ingress-nginx's default 60 s read timeout (and proxies' idle cut).
+    ping_interval: float = 20.0
+    demo: bool = False
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

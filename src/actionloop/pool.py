@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+from .errors import ActionLoopError
 from .process import ActionProcess
 
 Starter = Callable[[], Awaitable[ActionProcess]]
@@ -25,6 +26,7 @@ class Shared:
         self._process: ActionProcess | None = None
         self._lock = asyncio.Lock()
         self.restarts = 0
+        self.failure: str | None = None
 
     async def open(self) -> None:
         """Start the first process; StartError says why it could not."""
@@ -47,7 +49,12 @@ class Shared:
             await self._process.stop(0)
             self.restarts += 1
         self._process = None
-        self._process = await self._start()
+        try:
+            self._process = await self._start()
+        except ActionLoopError as exc:
+            self.failure = exc.message
+            raise
+        self.failure = None
         return self._process
 
     async def close(self) -> None:

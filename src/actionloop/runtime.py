@@ -61,6 +61,11 @@ class Runtime:
     def initialized(self) -> bool:
         return self.runner is not None
 
+    @property
+    def live(self) -> bool:
+        """False only when the action's process died and could not be restarted."""
+        return self.runner is None or self.runner.failure is None
+
     def check_can_init(self) -> None:
         """Refuse a second /init unless debugging (the reference logs it too)."""
         if self.initialized and not self.config.debug:

@@ -6,8 +6,9 @@ calls and runtime answers (or errors) into responses (SPEC.md parts A and B).
 
 from __future__ import annotations
 
+import html
 import itertools
-import weakref
+from importlib import resources
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -19,8 +20,19 @@ from .errors import ActionLoopError
 from .runtime import Runtime
 
 RUNTIME = web.AppKey("runtime", Runtime)
-SOCKETS = web.AppKey("sockets", weakref.WeakSet)  # type: ignore[type-arg]
 JSON = "application/json"
+
+
+class Sockets:
+    """The open WebSockets, and which are mid-message (for a graceful drain)."""
+
+    def __init__(self) -> None:
+        self.open: set[web.WebSocketResponse] = set()
+        self.busy: set[web.WebSocketResponse] = set()
+        self.draining = False
+
+
+SOCKETS = web.AppKey("sockets", Sockets)
 
 
 def json_response(body: bytes, status: int = 200) -> web.Response:
@@ -86,47 +98,88 @@ _connection_ids = itertools.count(1)
 
 async def handle_websocket(request: web.Request) -> web.StreamResponse:
     config: Config = request.app[RUNTIME].config
+    sockets = request.app[SOCKETS]
     if not origin_allowed(request.headers.get("Origin"), config.origins):
         return json_response(protocol.error("This origin may not open a WebSocket here."), 403)
-    ws = web.WebSocketResponse(max_msg_size=config.max_message)
+    if sockets.draining:
+        return json_response(protocol.error("The server is shutting down."), 503)
+    ws = web.WebSocketResponse(max_msg_size=config.max_message, heartbeat=config.ping_interval or None)
     await ws.prepare(request)
-    request.app[SOCKETS].add(ws)
-    await converse(request.app[RUNTIME], ws, f"ws-{next(_connection_ids)}")
+    sockets.open.add(ws)
+    try:
+        await converse(request.app[RUNTIME], ws, sockets, f"ws-{next(_connection_ids)}")
+    finally:
+        sockets.open.discard(ws)
     return ws
 
 
-async def converse(runtime: Runtime, ws: web.WebSocketResponse, connection: str) -> None:
+async def converse(runtime: Runtime, ws: web.WebSocketResponse, sockets: Sockets, connection: str) -> None:
     """Continuous mode: each message invokes the action, the reply comes back."""
     async for msg in ws:
-        if msg.type is WSMsgType.TEXT:
-            reply = await runtime.message(msg.data, connection)
+        sockets.busy.add(ws)
+        try:
+            if msg.type is WSMsgType.TEXT:
+                reply = await runtime.message(msg.data, connection)
+            else:
+                reply = protocol.error("Binary messages are not supported; send JSON text.")
             await ws.send_str(reply.decode())
-        elif msg.type is WSMsgType.BINARY:
-            await ws.send_str(protocol.error("Binary messages are not supported; send JSON text.").decode())
+        finally:
+            sockets.busy.discard(ws)
+        if sockets.draining:
+            # The in-flight reply is out; now say goodbye (SPEC.md part C).
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
 
 
 async def close_sockets(app: web.Application) -> None:
-    """On shutdown, WebSocket clients hear 1001 (going away) (SPEC.md part C)."""
-    for ws in list(app[SOCKETS]):
+    """On shutdown, idle WebSockets hear 1001 (going away) now; busy ones after their reply."""
+    sockets = app[SOCKETS]
+    sockets.draining = True
+    for ws in list(sockets.open - sockets.busy):
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+
+
+async def handle_live(request: web.Request) -> web.Response:
+    """Liveness: the server answers and its action can run (or be restarted)."""
+    runtime = request.app[RUNTIME]
+    live = runtime.live
+    state = {"live": live, "initialized": runtime.initialized}
+    return json_response(protocol.dumps(state), 200 if live else 503)
+
+
+async def handle_ready(request: web.Request) -> web.Response:
+    """Readiness: an action is initialised and the server is not draining."""
+    runtime = request.app[RUNTIME]
+    ready = runtime.initialized and not request.app[SOCKETS].draining
+    state = {"ready": ready, "initialized": runtime.initialized, "draining": request.app[SOCKETS].draining}
+    return json_response(protocol.dumps(state), 200 if ready else 503)
+
+
+def demo_page(config: Config) -> bytes:
+    page = resources.files("actionloop").joinpath("demo.html").read_text()
+    return page.replace("__WS_PATH__", html.escape(config.websocket, quote=True)).encode()
 
 
 def build_app(runtime: Runtime) -> web.Application:
     config = runtime.config
     app = web.Application(client_max_size=config.max_body)
     app[RUNTIME] = runtime
-    app[SOCKETS] = weakref.WeakSet()
+    app[SOCKETS] = Sockets()
     app.router.add_post("/init", handle_init)
     app.router.add_post("/run", handle_run)
+    app.router.add_get("/healthz", handle_live)
+    app.router.add_get("/readyz", handle_ready)
     if config.websocket:
         app.router.add_get(config.websocket, handle_websocket)
+    if config.demo and config.websocket and config.websocket != "/":
+        page = demo_page(config)
+        app.router.add_get("/", lambda _: web.Response(body=page, content_type="text/html", charset="utf-8"))
     app.on_shutdown.append(close_sockets)
     return app
 
 
 async def start(app: web.Application, config: Config) -> web.AppRunner:
     """Listen; no banner and no access log, as stdout/stderr are the action's."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.drain_timeout)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
     await site.start()
