@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import __version__, archive, server
+from . import __version__, archive, kube, server
 from .config import Config, from_env
 from .errors import ActionLoopError
 from .prepare import prepare
@@ -56,11 +56,54 @@ def serve_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def kube_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="actionloop kube",
+        description="Print Kubernetes manifests (YAML) that serve an action file over WebSocket.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("file", type=Path, help="the action: Python source, zip, tar.gz or executable")
+    parser.add_argument("--name", required=True, help="name of the ConfigMap, Deployment, Service and Ingress")
+    parser.add_argument("--path", default="/hello", help="WebSocket path (default /hello)")
+    parser.add_argument("--host", default="", help="Ingress host; also the only allowed browser Origin")
+    parser.add_argument("--replicas", type=int, default=1, help="pods (default 1)")
+    parser.add_argument("--image", default=kube.KubeSpec.image, help=f"runtime image (default {kube.KubeSpec.image})")
+    parser.add_argument("--namespace", default="", help="namespace to create and use")
+    parser.add_argument("--main", default="main", help="entry point (default main)")
+    parser.add_argument("--ingress-class", default="nginx", help="ingressClassName (default nginx)")
+    parser.add_argument("--demo", action="store_true", help="also serve the demo page at /")
+    return parser
+
+
+def print_manifests(args: argparse.Namespace) -> int:
+    spec = kube.KubeSpec(
+        name=args.name,
+        filename=args.file.name,
+        path=args.path,
+        host=args.host,
+        replicas=args.replicas,
+        image=args.image,
+        namespace=args.namespace,
+        main=args.main,
+        demo=args.demo,
+        ingress_class=args.ingress_class,
+    )
+    try:
+        code = args.file.read_bytes()
+    except OSError as exc:
+        log(f"actionloop kube: cannot read {args.file}: {exc.strerror}")
+        return 1
+    sys.stdout.write(kube.to_yaml(kube.manifests(spec, code)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["serve"]:
             return serve_file(serve_parser().parse_args(argv[1:]))
+        if argv[:1] == ["kube"]:
+            return print_manifests(kube_parser().parse_args(argv[1:]))
         args = entry_parser().parse_args(argv)
         if args.version:
             print(f"actionloop {__version__}")
