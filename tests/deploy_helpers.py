@@ -1,0 +1,236 @@
+"""Stand-ins for a pod and an ingress, built from the real artefacts.
+
+`Pod` reads deploy/Dockerfile and a generated Deployment and starts
+`actionloop` exactly as the container would: the image's entrypoint, its ENV
+and WORKDIR, the container's env, the ConfigMap's files at the mount path. The
+one change: container paths live under a temporary root, and the port is a
+free one (tests share the machine).
+
+`Nginx` runs a private nginx configured from a generated Ingress: its path,
+the WebSocket upgrade headers and the timeouts of its annotations.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import ACTIONLOOP, ROOT, TIME_FACTOR, free_port
+
+from actionloop import kube
+
+REQUIRE_SYSTEM = os.environ.get("ACTIONLOOP_REQUIRE_SYSTEM") == "1"
+
+
+def need(program: str) -> str:
+    """The path of a system program; CI installs them, elsewhere skip without."""
+    path = shutil.which(program) or (f"/usr/sbin/{program}" if Path(f"/usr/sbin/{program}").exists() else None)
+    if path is None:
+        if REQUIRE_SYSTEM:
+            raise AssertionError(f"{program} is required here (.ci/run installs it)")
+        pytest.skip(f"{program} is not installed (.ci/run installs it)")
+    return path
+
+
+def generate(action: Path, *args: str) -> dict[str, dict[str, Any]]:
+    """Run `actionloop kube` and return its documents by kind."""
+    done = subprocess.run([ACTIONLOOP, "kube", str(action), *args], capture_output=True, check=True, timeout=30)
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(done.stdout)}
+
+
+def dockerfile() -> dict[str, Any]:
+    """ENV, WORKDIR and ENTRYPOINT of deploy/Dockerfile."""
+    text = (ROOT / "deploy" / "Dockerfile").read_text().replace("\\\n", " ")
+    image: dict[str, Any] = {"env": {}, "workdir": "/", "entrypoint": []}
+    for line in text.splitlines():
+        word, _, rest = line.strip().partition(" ")
+        if word == "ENV":
+            image["env"].update(dict(part.split("=", 1) for part in shlex.split(rest)))
+        elif word == "WORKDIR":
+            image["workdir"] = rest.strip()
+        elif word == "ENTRYPOINT":
+            image["entrypoint"] = json.loads(rest)
+    return image
+
+
+class Pod:
+    """One container of a generated Deployment, started as the kubelet would."""
+
+    def __init__(self, docs: dict[str, dict[str, Any]], root: Path, **env_overrides: str) -> None:
+        self.docs = docs
+        self.root = root
+        spec = docs["Deployment"]["spec"]["template"]["spec"]
+        self.grace = spec["terminationGracePeriodSeconds"]
+        container = spec["containers"][0]
+        self.container = container
+        image = dockerfile()
+        self._mount(spec, container)
+        self.port = free_port()
+        env = {"PATH": os.environ["PATH"], "HOME": str(self.host_path(image["workdir"]))}
+        env.update(image["env"])
+        env.update({item["name"]: item["value"] for item in container["env"]})
+        env = {key: self._map(value) for key, value in env.items()}
+        # The one deviation: a free port instead of containerPort 8080.
+        env.update({"OW_PORT": str(self.port), "OW_HOST": "127.0.0.1", **env_overrides})
+        self.env = env
+        command = [ACTIONLOOP if image["entrypoint"] == ["actionloop"] else image["entrypoint"][0]]
+        self.log = open(root / "pod.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            command,
+            cwd=self.host_path(image["workdir"]),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def host_path(self, container_path: str) -> Path:
+        return self.root / "fs" / container_path.lstrip("/")
+
+    def _map(self, value: str) -> str:
+        for mount in self.container["volumeMounts"]:
+            if value.startswith(mount["mountPath"] + "/"):
+                return str(self.host_path(mount["mountPath"])) + value[len(mount["mountPath"]) :]
+        return value
+
+    def _mount(self, spec: dict[str, Any], container: dict[str, Any]) -> None:
+        volumes = {volume["name"]: volume for volume in spec["volumes"]}
+        config_map = self.docs["ConfigMap"]
+        for mount in container["volumeMounts"]:
+            folder = self.host_path(mount["mountPath"])
+            folder.mkdir(parents=True, exist_ok=True)
+            volume = volumes[mount["name"]]
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+                for key, text in config_map.get("data", {}).items():
+                    (folder / key).write_text(text)
+                for key, data in config_map.get("binaryData", {}).items():
+                    (folder / key).write_bytes(base64.b64decode(data))
+                if mount.get("readOnly"):
+                    folder.chmod(0o555)
+        self.host_path(spec.get("workingDir", "/actionloop")).mkdir(parents=True, exist_ok=True)
+
+    def get(self, path: str) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def wait_ready(self, timeout: float = 20.0) -> Pod:
+        """Poll the readiness probe's path, as the kubelet does."""
+        probe = self.container["readinessProbe"]["httpGet"]["path"]
+        deadline = time.monotonic() + timeout * TIME_FACTOR
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"pod exited {self.process.returncode}: {self.logs()}")
+            try:
+                if self.get(probe)[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"pod never ready: {self.logs()}")
+
+    def logs(self) -> str:
+        return (self.root / "pod.log").read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(self.grace * TIME_FACTOR)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+        return self.process.returncode
+
+
+NGINX_CONF = """
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log {prefix}/access.log;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+    server {{
+        listen 127.0.0.1:{port};
+{locations}
+    }}
+}}
+"""
+
+LOCATION = """        location {path} {{
+            proxy_pass http://127.0.0.1:{upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_read_timeout {read}s;
+            proxy_send_timeout {send}s;
+        }}"""
+
+
+class Nginx:
+    """A private nginx doing what ingress-nginx does with the generated Ingress."""
+
+    def __init__(self, ingress: dict[str, Any], upstream: int, prefix: Path, read_timeout: int | None = None) -> None:
+        binary = need("nginx")
+        annotations = ingress["metadata"]["annotations"]
+        read = read_timeout or int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"])
+        send = int(annotations["nginx.ingress.kubernetes.io/proxy-send-timeout"])
+        paths = [p["path"] for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
+        locations = "\n".join(LOCATION.format(path=p, upstream=upstream, read=read, send=send) for p in paths)
+        self.port = free_port()
+        prefix.mkdir(parents=True, exist_ok=True)
+        self.conf = prefix / "nginx.conf"
+        self.conf.write_text(NGINX_CONF.format(prefix=prefix, port=self.port, locations=locations))
+        self.args = [binary, "-c", str(self.conf), "-p", f"{prefix}/", "-e", f"{prefix}/error.log"]
+        self.process = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 10 * TIME_FACTOR
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1)
+                return
+            except urllib.error.HTTPError:
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("nginx did not start")
+
+    def stop(self) -> None:
+        subprocess.run([*self.args, "-s", "quit"], capture_output=True, timeout=10)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def validate(doc: dict[str, Any]) -> None:
+    import kubernetes_validate
+
+    kubernetes_validate.validate(doc, "1.33", strict=True)
+
+
+__all__ = ["Nginx", "Pod", "generate", "kube", "need", "validate"]
