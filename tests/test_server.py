@@ -147,3 +147,34 @@ def test_version_flag() -> None:
     """-version prints the version."""
     done = subprocess.run([ACTIONLOOP, "-version"], capture_output=True, timeout=30 * TIME_FACTOR)
     assert done.returncode == 0 and done.stdout.startswith(b"actionloop ")
+
+
+def get(server: Any, path: str) -> tuple[int, Any]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(server.url + path, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_health_and_readiness(start_server: Any) -> None:
+    """/healthz answers while alive; /readyz only once an action is initialised."""
+    server = start_server(IMAGE_ENV)
+    assert get(server, "/healthz")[0] == 200
+    status, body = get(server, "/readyz")
+    assert status == 503 and json.loads(body)["initialized"] is False
+    assert server.init("def main(a):\n    return a\n")[0] == 200
+    assert get(server, "/readyz")[0] == 200
+    out, err = check_streams(*server.streams(), sentinels=0)
+    assert out == "" and err == ""
+
+
+def test_demo_page(start_server: Any) -> None:
+    """OW_DEMO serves a page at / that connects to the WebSocket path."""
+    server = start_server({"OW_WEBSOCKET": "/hello", "OW_DEMO": "1", "OW_AUTOINIT": str(EXAMPLES / "hello.py")})
+    status, body = get(server, "/")
+    assert status == 200 and b'data-ws-path="/hello"' in body and b"<button" in body
+    assert get(start_server({"OW_WEBSOCKET": "/hello"}), "/")[0] == 404

@@ -305,3 +305,47 @@ def test_websocket_large_message(start_server: Any) -> None:
     with connect(server.ws_url("/hello"), open_timeout=TIMEOUT, max_size=None) as ws:
         value = {"arg": "a" * 1048561}
         assert ask(ws, value) == value
+
+
+def test_hung_action_times_out_and_is_replaced(start_server: Any, tmp_path: Path) -> None:
+    """A message that hangs the action gets an error after the timeout; the next is served."""
+    action = tmp_path / "hang.py"
+    action.write_text("import os\ndef main(args):\n    while args.get('hang'):\n        pass\n    return {'pid': os.getpid()}\n")
+    server = ws_server(start_server, action, OW_WEBSOCKET_TIMEOUT=str(1 * TIME_FACTOR))
+    with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
+        first = ask(ws, {})
+        assert "did not answer within" in ask(ws, {"hang": True})["error"]
+        assert ask(ws, {})["pid"] != first["pid"]
+
+
+def test_binary_frames(start_server: Any) -> None:
+    """Binary UTF-8 JSON is answered in a binary frame; invalid UTF-8 gets an error."""
+    server = ws_server(start_server, EXAMPLES / "hello.py")
+    with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
+        ws.send(json.dumps({"name": "bin ❄"}).encode())
+        reply = ws.recv(timeout=TIMEOUT)
+        assert isinstance(reply, bytes) and json.loads(reply) == {"greeting": "Hello, bin ❄!"}
+        ws.send(b"\xff\xfe{")
+        assert "not valid JSON" in json.loads(ws.recv(timeout=TIMEOUT))["error"]
+        assert ask(ws, {"name": "text"}) == {"greeting": "Hello, text!"}
+
+
+def test_oversized_message_closes_1009(start_server: Any) -> None:
+    """A message over OW_WEBSOCKET_MAX_MESSAGE closes that connection with 1009; others go on."""
+    server = ws_server(start_server, EXAMPLES / "hello.py", OW_WEBSOCKET_MAX_MESSAGE="1000")
+    with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as other:
+        with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
+            ws.send(json.dumps({"name": "x" * 2000}))
+            with pytest.raises(ConnectionClosed) as caught:
+                ws.recv(timeout=TIMEOUT)
+            assert caught.value.rcvd is not None and caught.value.rcvd.code == 1009
+        assert ask(other, {"name": "still"}) == {"greeting": "Hello, still!"}
+
+
+def test_deadline_metadata(start_server: Any, tmp_path: Path) -> None:
+    """Each message carries an OpenWhisk deadline (epoch ms) in __OW_DEADLINE."""
+    action = tmp_path / "deadline.py"
+    action.write_text("import os, time\ndef main(args):\n    return {'left': int(os.environ['__OW_DEADLINE']) - time.time() * 1000}\n")
+    server = ws_server(start_server, action, OW_WEBSOCKET_TIMEOUT="30")
+    with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
+        assert 20000 < ask(ws, {})["left"] <= 30000

@@ -46,6 +46,7 @@ SETTINGS = (
     Setting("drain_timeout", "OW_DRAIN_TIMEOUT", "seconds in-flight work may take after SIGTERM"),
     Setting("ping_interval", "OW_WEBSOCKET_PING", "seconds between keep-alive pings; 0: none"),
     Setting("demo", "OW_DEMO", "serve the demo page at /"),
+    Setting("message_timeout", "OW_WEBSOCKET_TIMEOUT", "seconds a WebSocket message may take; 0: no limit"),
 )
 
 
@@ -73,6 +74,7 @@ class Config:
     # Well under ingress-nginx's default 60 s read timeout (and proxies' idle cut).
     ping_interval: float = 20.0
     demo: bool = False
+    message_timeout: float = 60.0
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -160,10 +161,14 @@ class Runtime:
             return protocol.error(f"The message is not valid JSON: {exc}")
         if self.runner is None:
             return protocol.error(NO_ACTION)
+        timeout = self.config.message_timeout or None
         meta = {"activation_id": uuid.uuid4().hex, "connection_id": connection}
+        if timeout:
+            # OpenWhisk's deadline: epoch milliseconds, as a string.
+            meta["deadline"] = str(int((time.time() + timeout) * 1000))
         line = protocol.run_line(protocol.message_body(value, meta))
         try:
-            return await self.runner.invoke(line)
+            return await self.runner.invoke(line, timeout)
         except ActionLoopError as exc:
             return protocol.error(exc.message)
 

@@ -119,10 +119,12 @@ async def converse(runtime: Runtime, ws: web.WebSocketResponse, sockets: Sockets
         sockets.busy.add(ws)
         try:
             if msg.type is WSMsgType.TEXT:
-                reply = await runtime.message(msg.data, connection)
-            else:
-                reply = protocol.error("Binary messages are not supported; send JSON text.")
-            await ws.send_str(reply.decode())
+                await ws.send_str((await runtime.message(msg.data, connection)).decode())
+            elif msg.type is WSMsgType.BINARY:
+                # A binary frame of UTF-8 JSON is served alike, answered in kind.
+                await ws.send_bytes(await runtime.message(msg.data, connection))
+            else:  # ERROR: e.g. an oversized message, already closed with 1009
+                break
         finally:
             sockets.busy.discard(ws)
         if sockets.draining:
