@@ -16,11 +16,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +179,28 @@ def make_zip(files: dict[str, str | bytes], modes: dict[str, int] | None = None)
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def ask(ws: Any, message: Any) -> Any:
+    """Send one WebSocket message (JSON-encoded unless a str) and parse the reply."""
+    ws.send(message if isinstance(message, str) else json.dumps(message))
+    return json.loads(ws.recv(timeout=20 * TIME_FACTOR))
+
+
+def concurrently(count: int, client: Callable[[int], None]) -> None:
+    """Run client(0..count-1) in threads at once; fail with the first failure."""
+    failures: list[BaseException] = []
+
+    def guarded(n: int) -> None:
+        try:
+            client(n)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60 * TIME_FACTOR)
+    if failures:
+        raise failures[0]

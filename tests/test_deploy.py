@@ -9,23 +9,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ACTIONLOOP, EXAMPLES, ROOT, TIME_FACTOR, make_zip
+from conftest import ACTIONLOOP, EXAMPLES, ROOT, TIME_FACTOR, ask, concurrently, make_zip
 from deploy_helpers import Nginx, Pod, generate, need, validate
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 TIMEOUT = 20 * TIME_FACTOR
-
-
-def ask(ws: Any, message: Any) -> Any:
-    ws.send(json.dumps(message))
-    return json.loads(ws.recv(timeout=TIMEOUT))
 
 
 def test_checked_in_manifest_is_current() -> None:
@@ -201,19 +195,10 @@ def test_demo_page_in_chromium(pod: Any, tmp_path: Path, monkeypatch: pytest.Mon
 def test_many_clients_through_pod(pod: Any) -> None:
     """Ten clients at once through the pod each get their own replies."""
     running = pod(EXAMPLES / "hello.py", "--path", "/hello")
-    failures: list[BaseException] = []
 
     def client(n: int) -> None:
-        try:
-            with connect(f"ws://127.0.0.1:{running.port}/hello", open_timeout=TIMEOUT) as ws:
-                for i in range(5):
-                    assert ask(ws, {"name": f"{n}-{i}"}) == {"greeting": f"Hello, {n}-{i}!"}
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            failures.append(exc)
+        with connect(f"ws://127.0.0.1:{running.port}/hello", open_timeout=TIMEOUT) as ws:
+            for i in range(5):
+                assert ask(ws, {"name": f"{n}-{i}"}) == {"greeting": f"Hello, {n}-{i}!"}
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(10)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(TIMEOUT)
-    assert not failures
+    concurrently(10, client)

@@ -12,12 +12,11 @@ import os
 import signal
 import subprocess
 import tarfile
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ACTIONLOOP, EXAMPLES, IMAGE_ENV, TIME_FACTOR, b64, clean_env, free_port, make_zip
+from conftest import ACTIONLOOP, EXAMPLES, IMAGE_ENV, TIME_FACTOR, ask, b64, clean_env, concurrently, free_port, make_zip
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
@@ -29,11 +28,6 @@ def ws_server(start_server: Any, action: Path | str | None, path: str = "/hello"
     if action is not None:
         settings["OW_AUTOINIT"] = str(action)
     return start_server(settings)
-
-
-def ask(ws: Any, message: Any) -> Any:
-    ws.send(message if isinstance(message, str) else json.dumps(message))
-    return json.loads(ws.recv(timeout=TIMEOUT))
 
 
 def test_hello(start_server: Any) -> None:
@@ -183,21 +177,12 @@ def test_concurrent_connections_get_their_own_replies(start_server: Any) -> None
     """20 clients at once, unique ids: each gets exactly its own replies."""
     server = ws_server(start_server, EXAMPLES / "hello.py")
     results: dict[int, list[Any]] = {}
-    errors: list[BaseException] = []
 
     def client(n: int) -> None:
-        try:
-            with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
-                results[n] = [ask(ws, {"name": f"c{n}-m{i}"}) for i in range(10)]
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
+            results[n] = [ask(ws, {"name": f"c{n}-m{i}"}) for i in range(10)]
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(20)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(TIMEOUT * 3)
-    assert not errors
+    concurrently(20, client)
     for n in range(20):
         assert results[n] == [{"greeting": f"Hello, c{n}-m{i}!"} for i in range(10)]
 
