@@ -102,7 +102,9 @@ class Server:
             except ValueError:
                 return exc.code, text.decode()
 
-    def init(self, code: str, main: str = "main", binary: bool = False, env: dict[str, Any] | None = None) -> tuple[int, Any]:
+    def init(
+        self, code: str, main: str = "main", binary: bool = False, env: dict[str, Any] | None = None
+    ) -> tuple[int, Any]:
         value: dict[str, Any] = {"code": code, "main": main, "binary": binary}
         if env is not None:
             value["env"] = env

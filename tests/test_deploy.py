@@ -38,7 +38,18 @@ def test_checked_in_manifest_is_current() -> None:
     "args",
     [
         ("--name", "hello", "--demo"),
-        ("--name", "echo", "--path", "/ws/echo", "--host", "echo.example.com", "--replicas", "3", "--namespace", "actions"),
+        (
+            "--name",
+            "echo",
+            "--path",
+            "/ws/echo",
+            "--host",
+            "echo.example.com",
+            "--replicas",
+            "3",
+            "--namespace",
+            "actions",
+        ),
     ],
 )
 def test_manifests_validate(args: tuple[str, ...]) -> None:
@@ -97,7 +108,9 @@ def test_pod_serves_and_probes(pod: Any) -> None:
     assert "hello called with name='pod'" in running.logs()
 
 
-SLOW = "import time\ndef main(args):\n    time.sleep(args.get('sleep', 0))\n    return {'slept': args.get('sleep', 0)}\n"
+SLOW = (
+    "import time\ndef main(args):\n    time.sleep(args.get('sleep', 0))\n    return {'slept': args.get('sleep', 0)}\n"
+)
 
 
 def test_pod_drains_on_sigterm(pod: Any, tmp_path: Path) -> None:

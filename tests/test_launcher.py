@@ -23,7 +23,9 @@ def make_action(tmp_path: Path, source: str, main: str = "main") -> Path:
     return prepare(src, tmp_path / "bin", main)
 
 
-def launch(exec_path: Path, lines: list[dict[str, object]], env: dict[str, str] | None = None) -> tuple[int, list[object], str, str]:
+def launch(
+    exec_path: Path, lines: list[dict[str, object]], env: dict[str, str] | None = None
+) -> tuple[int, list[object], str, str]:
     """Run the action with these stdin lines; (exit code, fd 3 lines, stdout, stderr)."""
     stdout = exec_path.parent / "stdout.txt"
     done = subprocess.run(
@@ -55,7 +57,9 @@ def test_keys_become_ow_environment(tmp_path: Path) -> None:
 
 def test_exception_becomes_error_result_and_traceback(tmp_path: Path) -> None:
     """An exception in main is an error result; the traceback goes to stderr; serving goes on."""
-    source = "def main(args):\n    if args.get('boom'):\n        raise RuntimeError('kaboom')\n    return {'fine': True}\n"
+    source = (
+        "def main(args):\n    if args.get('boom'):\n        raise RuntimeError('kaboom')\n    return {'fine': True}\n"
+    )
     code, results, _, err = launch(make_action(tmp_path, source), [{"value": {"boom": 1}}, {"value": {}}])
     assert code == 0 and results[1:] == [{"error": "kaboom"}, {"fine": True}]
     assert "Traceback" in err and "RuntimeError: kaboom" in err
@@ -99,6 +103,8 @@ def test_virtualenv_site_packages_come_first(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(src / "virtualenv")], check=True)
     packages = next((src / "virtualenv").glob("lib/python3*/site-packages"))
     (packages / "json_shadow_probe.py").write_text("WHERE = 'venv'\n")
-    (src / "__main__.py").write_text("import json_shadow_probe\ndef main(args):\n    return {'where': json_shadow_probe.WHERE}\n")
+    (src / "__main__.py").write_text(
+        "import json_shadow_probe\ndef main(args):\n    return {'where': json_shadow_probe.WHERE}\n"
+    )
     _, results, _, _ = launch(prepare(src, tmp_path / "bin", "main"), [{"value": {}}])
     assert results[1] == {"where": "venv"}

@@ -236,7 +236,7 @@ def test_application_error(server: Any) -> None:
 
 def test_unknown_import(server: Any, env: dict[str, str]) -> None:
     """error when importing a not-supported package: detected at init."""
-    status, body = server.init("import iamnotsupported\ndef main(args):\n    return {}\n")
+    status, _ = server.init("import iamnotsupported\ndef main(args):\n    return {}\n")
     assert status == 502
     out, err = check_streams(*server.streams(), sentinels=1 if logs_init_errors(env) else 0)
     assert out == "" and "Traceback" in err and "iamnotsupported" in err

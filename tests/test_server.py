@@ -11,7 +11,9 @@ from typing import Any
 
 from conftest import ACTIONLOOP, EXAMPLES, IMAGE_ENV, TIME_FACTOR, b64, check_streams, clean_env, make_zip
 
-BASH_ECHO = '#!/bin/bash\n[ -n "$__OW_WAIT_FOR_ACK" ] && echo \'{"ok": true}\' >&3\nwhile read -r l; do echo "$l" >&3; done\n'
+BASH_ECHO = (
+    '#!/bin/bash\n[ -n "$__OW_WAIT_FOR_ACK" ] && echo \'{"ok": true}\' >&3\nwhile read -r l; do echo "$l" >&3; done\n'
+)
 
 
 def test_bad_bodies(start_server: Any) -> None:
@@ -67,7 +69,7 @@ def test_compiler(start_server: Any, tmp_path: Path) -> None:
     compiler.write_text(
         "#!/bin/bash\n"
         'if grep -q FAIL "$2/exec"; then echo "syntax error in $1"; exit 0; fi\n'
-        "printf '#!/bin/bash\\nwhile read -r l; do echo \"{\\\\\"main\\\\\": \\\\\"%s\\\\\"}\" >&3; done\\n' \"$1\" > \"$3/exec\"\n"
+        'printf \'#!/bin/bash\\nwhile read -r l; do echo "{\\\\"main\\\\": \\\\"%s\\\\"}" >&3; done\\n\' "$1" > "$3/exec"\n'
         'chmod +x "$3/exec"\n'
     )
     compiler.chmod(0o755)
@@ -79,7 +81,12 @@ def test_compiler(start_server: Any, tmp_path: Path) -> None:
 
 def compile_with(code: bytes, main: str, env: dict[str, str], folder: Path) -> bytes:
     done = subprocess.run(
-        [ACTIONLOOP, "-compile", main], input=code, capture_output=True, env=clean_env(env), cwd=folder, timeout=30 * TIME_FACTOR
+        [ACTIONLOOP, "-compile", main],
+        input=code,
+        capture_output=True,
+        env=clean_env(env),
+        cwd=folder,
+        timeout=30 * TIME_FACTOR,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout

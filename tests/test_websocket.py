@@ -16,7 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ACTIONLOOP, EXAMPLES, IMAGE_ENV, TIME_FACTOR, ask, b64, clean_env, concurrently, free_port, make_zip
+from conftest import (
+    ACTIONLOOP,
+    EXAMPLES,
+    IMAGE_ENV,
+    TIME_FACTOR,
+    ask,
+    b64,
+    clean_env,
+    concurrently,
+    free_port,
+    make_zip,
+)
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
@@ -295,7 +306,9 @@ def test_websocket_large_message(start_server: Any) -> None:
 def test_hung_action_times_out_and_is_replaced(start_server: Any, tmp_path: Path) -> None:
     """A message that hangs the action gets an error after the timeout; the next is served."""
     action = tmp_path / "hang.py"
-    action.write_text("import os\ndef main(args):\n    while args.get('hang'):\n        pass\n    return {'pid': os.getpid()}\n")
+    action.write_text(
+        "import os\ndef main(args):\n    while args.get('hang'):\n        pass\n    return {'pid': os.getpid()}\n"
+    )
     server = ws_server(start_server, action, OW_WEBSOCKET_TIMEOUT=str(1 * TIME_FACTOR))
     with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
         first = ask(ws, {})
@@ -330,7 +343,9 @@ def test_oversized_message_closes_1009(start_server: Any) -> None:
 def test_deadline_metadata(start_server: Any, tmp_path: Path) -> None:
     """Each message carries an OpenWhisk deadline (epoch ms) in __OW_DEADLINE."""
     action = tmp_path / "deadline.py"
-    action.write_text("import os, time\ndef main(args):\n    return {'left': int(os.environ['__OW_DEADLINE']) - time.time() * 1000}\n")
+    action.write_text(
+        "import os, time\ndef main(args):\n    return {'left': int(os.environ['__OW_DEADLINE']) - time.time() * 1000}\n"
+    )
     server = ws_server(start_server, action, OW_WEBSOCKET_TIMEOUT="30")
     with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
         assert 20000 < ask(ws, {})["left"] <= 30000

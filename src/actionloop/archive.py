@@ -24,7 +24,7 @@ ELF_MAGIC = b"\x7fELF"
 
 def is_executable_bytes(head: bytes) -> bool:
     """An ELF binary or a `#!` script: run as-is (SPEC.md part A)."""
-    return head.startswith(ELF_MAGIC) or head.startswith(b"#!")
+    return head.startswith((ELF_MAGIC, b"#!"))
 
 
 def unpack(code: bytes, binary: bool, dest: Path, max_bytes: int) -> None:

@@ -20,7 +20,8 @@ import os
 import site
 import sys
 import traceback
-from typing import Any, BinaryIO, Callable
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 Entry = Callable[[Any], Any]
 
