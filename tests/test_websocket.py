@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import tarfile
 from pathlib import Path
@@ -349,3 +350,18 @@ def test_deadline_metadata(start_server: Any, tmp_path: Path) -> None:
     server = ws_server(start_server, action, OW_WEBSOCKET_TIMEOUT="30")
     with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
         assert 20000 < ask(ws, {})["left"] <= 30000
+
+
+def test_client_vanishing_mid_message(start_server: Any, tmp_path: Path) -> None:
+    """A client that drops its TCP connection before its reply harms no one."""
+    action = tmp_path / "slow.py"
+    action.write_text("import time\ndef main(args):\n    time.sleep(args.get('sleep', 0))\n    return {'ok': 1}\n")
+    server = ws_server(start_server, action)
+    with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as other:
+        with connect(server.ws_url("/hello"), open_timeout=TIMEOUT, close_timeout=0.5) as gone:
+            gone.send(json.dumps({"sleep": 0.5}))
+            gone.socket.shutdown(socket.SHUT_RDWR)
+        assert ask(other, {}) == {"ok": 1}
+    with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as fresh:
+        assert ask(fresh, {}) == {"ok": 1}
+    assert server.process.poll() is None

@@ -6,6 +6,7 @@ calls and runtime answers (or errors) into responses (SPEC.md parts A and B).
 
 from __future__ import annotations
 
+import asyncio
 import html
 import itertools
 from importlib import resources
@@ -125,6 +126,8 @@ async def converse(runtime: Runtime, ws: web.WebSocketResponse, sockets: Sockets
                 await ws.send_bytes(await runtime.message(msg.data, connection))
             else:  # ERROR: e.g. an oversized message, already closed with 1009
                 break
+        except ConnectionResetError:
+            break  # the client vanished before its reply; nobody else is affected
         finally:
             sockets.busy.discard(ws)
         if sockets.draining:
@@ -136,8 +139,8 @@ async def close_sockets(app: web.Application) -> None:
     """On shutdown, idle WebSockets hear 1001 (going away) now; busy ones after their reply."""
     sockets = app[SOCKETS]
     sockets.draining = True
-    for ws in list(sockets.open - sockets.busy):
-        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+    idle = sockets.open - sockets.busy
+    await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down") for ws in idle))
 
 
 async def handle_live(request: web.Request) -> web.Response:
