@@ -150,6 +150,14 @@ def test_body_size_limit(start_server: Any) -> None:
     assert server.run({"s": "xy"}) == (200, {"n": 2})
 
 
+def test_debug_flag_allows_reinit(start_server: Any) -> None:
+    """The reference's -debug flag allows a second /init."""
+    server = start_server(args=["-debug"])
+    assert server.init("def main(a):\n    return {'v': 1}\n")[0] == 200
+    assert server.init("def main(a):\n    return {'v': 2}\n")[0] == 200
+    assert server.run({}) == (200, {"v": 2})
+
+
 def test_version_flag() -> None:
     """-version prints the version."""
     done = subprocess.run([ACTIONLOOP, "-version"], capture_output=True, timeout=30 * TIME_FACTOR)

@@ -26,16 +26,18 @@ def _reject_constant(name: str) -> Any:
 
 # 19 digits in a row may be an integer past 64 bits, which orjson would turn
 # into a float (or refuse); the standard parser keeps it exact.
-_LONG_DIGITS = re.compile(rb"\d{19}")
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+_LONG_DIGITS_TEXT = re.compile(r"[0-9]{19}")
 
 
 def loads(data: bytes | str) -> Any:
     """Parse strict JSON; integers beyond 64 bits stay exact integers."""
-    raw = data.encode() if isinstance(data, str) else data
-    if not _LONG_DIGITS.search(raw):
-        return orjson.loads(raw)
+    # WebSocket text arrives as str: scan it as it is, no copy on the hot path.
+    long_digits = _LONG_DIGITS_TEXT if isinstance(data, str) else _LONG_DIGITS
+    if not long_digits.search(data):  # type: ignore[arg-type]
+        return orjson.loads(data)
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        return json.loads(data, parse_constant=_reject_constant)
     except RecursionError as exc:
         raise ValueError("JSON nested too deeply") from exc
 

@@ -22,7 +22,7 @@ from .errors import ActionLoopError, PrepareError, RequestError, StartError
 from .payloads import ALREADY_INITIALISED, InitRequest
 from .pool import Shared
 from .prepare import ACK_MARKER, EXEC_ENV, discard, prepare
-from .process import ActionProcess
+from .process import ActionProcess, write_sentinels
 
 NO_ACTION = "no action defined yet"
 PREPARE_FAILED_LOGGED = "The action failed to generate or locate a binary. See logs for details."
@@ -109,10 +109,7 @@ class Runtime:
         if not self.config.log_init_error:
             return type(exc)(prefix + exc.message)
         log(exc.message)
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        os.write(1, protocol.SENTINEL)
-        os.write(2, protocol.SENTINEL)
+        write_sentinels()
         return type(exc)(logged)
 
     def _starter(self, exec_path: Path, init_env: Mapping[str, str]) -> Any:
