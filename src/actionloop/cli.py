@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from . import __version__, archive, kube, server
-from .config import Config, from_env
+from .config import Config, add_flags, flag_values, from_env
 from .errors import ActionLoopError
 from .prepare import prepare
 from .runtime import Runtime, log
@@ -28,16 +28,14 @@ from .runtime import Runtime, log
 def entry_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="actionloop",
-        description="OpenWhisk ActionLoop runtime with a WebSocket mode (see also: actionloop serve -h)",
+        description="OpenWhisk ActionLoop runtime with a WebSocket mode (see also: actionloop serve -h, kube -h)",
         allow_abbrev=False,
     )
     # Single-dash spellings are the reference proxy's; double-dash the usual.
     parser.add_argument("-debug", "--debug", action="store_true", default=None, help="verbose; allow re-init")
     parser.add_argument("-version", "--version", action="store_true", help="print the version and exit")
     parser.add_argument("-compile", "--compile", metavar="MAIN", help="prepare the action on stdin as a zip on stdout")
-    parser.add_argument("--port", type=int, help="HTTP port (default 8080, or OW_PORT)")
-    parser.add_argument("--host", help="address to listen on (default 0.0.0.0)")
-    parser.add_argument("--action-dir", type=Path, help="folder for the numbered action folders (default ./action)")
+    add_flags(parser, skip=("debug",))
     return parser
 
 
@@ -48,11 +46,10 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("file", help="the action: Python source, zip, tar.gz or executable")
     parser.add_argument("--ws", default="/ws", help="WebSocket path (default /ws)")
     parser.add_argument("--main", help="entry point (default main)")
-    parser.add_argument("--port", type=int, help="HTTP port (default 8080)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--action-dir", type=Path, help="folder for prepared actions (default: a temporary one)")
     parser.add_argument("--origin", action="append", help="allowed Origin (repeatable)")
     parser.add_argument("--no-demo", action="store_true", help="do not serve the demo page at /")
+    add_flags(parser, skip=("websocket", "autoinit", "autoinit_main", "host", "origins", "demo"))
     return parser
 
 
@@ -108,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.version:
             print(f"actionloop {__version__}")
             return 0
-        config = from_env().replace(port=args.port, host=args.host, action_dir=args.action_dir, debug=args.debug)
+        config = from_env().replace(**flag_values(args))
     except ValueError as exc:
         log(f"actionloop: bad setting: {exc}")
         return 2
@@ -118,17 +115,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve_file(args: argparse.Namespace) -> int:
-    config = from_env().replace(
-        websocket=args.ws,
-        autoinit=args.file,
-        autoinit_main=args.main,
-        port=args.port,
-        host=args.host,
-        origins=tuple(args.origin) if args.origin else None,
-        demo=not args.no_demo,
-    )
+    given = flag_values(args) | {
+        "websocket": args.ws,
+        "autoinit": args.file,
+        "autoinit_main": args.main,
+        "host": args.host,
+        "origins": tuple(args.origin) if args.origin else None,
+        "demo": not args.no_demo,
+    }
+    config = from_env().replace(**given)
     if args.action_dir is not None:
-        return run(config.replace(action_dir=args.action_dir), announce=True)
+        return run(config, announce=True)
     with tempfile.TemporaryDirectory(prefix="actionloop-") as folder:
         return run(config.replace(action_dir=Path(folder)), announce=True)
 

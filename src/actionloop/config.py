@@ -7,7 +7,9 @@ README table and the parser cannot drift apart.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,6 +49,13 @@ SETTINGS = (
     Setting("ping_interval", "OW_WEBSOCKET_PING", "seconds between keep-alive pings; 0: none"),
     Setting("demo", "OW_DEMO", "serve the demo page at /"),
     Setting("message_timeout", "OW_WEBSOCKET_TIMEOUT", "seconds a WebSocket message may take; 0: no limit"),
+    Setting("mode", "OW_PROCESS_MODE", "shared, pool or connection"),
+    Setting("pool_size", "OW_POOL_SIZE", "action processes in pool mode; 0: one per CPU"),
+    Setting("max_processes", "OW_MAX_PROCESSES", "most action processes at once in connection mode"),
+    Setting("max_connections", "OW_WEBSOCKET_MAX_CONNECTIONS", "most WebSocket connections at once"),
+    Setting("max_queue", "OW_WEBSOCKET_MAX_QUEUE", "messages read ahead per connection before reading stops"),
+    Setting("idle_timeout", "OW_WEBSOCKET_IDLE_TIMEOUT", "seconds without a message before closing; 0: never"),
+    Setting("token", "OW_WEBSOCKET_TOKEN", "shared secret a WebSocket client must present"),
 )
 
 
@@ -75,6 +84,22 @@ class Config:
     ping_interval: float = 20.0
     demo: bool = False
     message_timeout: float = 60.0
+    mode: str = "shared"
+    pool_size: int = 0
+    max_processes: int = 100
+    max_connections: int = 10000
+    max_queue: int = 16
+    idle_timeout: float = 3600.0
+    token: str = ""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("shared", "pool", "connection"):
+            raise ValueError(f"process mode {self.mode!r} is not one of shared, pool, connection")
+
+    @property
+    def processes(self) -> int:
+        """How many processes pool mode runs."""
+        return self.pool_size or os.cpu_count() or 1
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -93,6 +118,31 @@ def _convert(kind: Any, text: str) -> Any:
     if kind in ("float",):
         return float(text)
     return text
+
+
+def add_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """A `--flag` for every setting (its variable named in the help)."""
+    kinds = {f.name: f.type for f in dataclasses.fields(Config)}
+    for setting in SETTINGS:
+        if setting.field in skip:
+            continue
+        flag = "--" + setting.field.replace("_", "-")
+        kind = kinds[setting.field]
+        if kind == "bool":
+            parser.add_argument(flag, action="store_true", default=None, help=f"{setting.doc} ({setting.env})")
+        else:
+            parser.add_argument(
+                flag,
+                type=functools.partial(_convert, kind),
+                default=None,
+                metavar=setting.field.upper(),
+                help=f"{setting.doc} ({setting.env})",
+            )
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags (None where not given)."""
+    return {s.field: getattr(args, s.field, None) for s in SETTINGS}
 
 
 def from_env(environ: Mapping[str, str] | None = None) -> Config:

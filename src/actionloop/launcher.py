@@ -34,7 +34,8 @@ def activate_virtualenv(folder: str) -> None:
     script = os.path.join(venv, "bin", "activate_this.py")
     if os.path.isfile(script):
         with open(script) as file:
-            exec(compile(file.read(), script, "exec"), {"__file__": script})
+            # The virtualenv's own activation script, shipped in the action's zip.
+            exec(compile(file.read(), script, "exec"), {"__file__": script})  # noqa: S102
         return
     before = list(sys.path)
     for packages in sorted(glob.glob(os.path.join(venv, "lib", "python3*", "site-packages"))):
@@ -54,7 +55,7 @@ def load(folder: str, name: str) -> Entry:
     spec.loader.exec_module(module)
     entry = getattr(module, name, None)
     if not callable(entry):
-        raise AttributeError(f"the action has no function named {name!r} in __main__.py")
+        raise AttributeError(f"the action has no function named {name!r} in __main__.py")  # noqa: TRY004
     return entry
 
 

@@ -80,7 +80,8 @@ def spawn(exec_path: Path, env: Mapping[str, str]) -> tuple[subprocess.Popen[byt
             stdin=stdin_r,
             close_fds=False,
             start_new_session=True,
-            preexec_fn=functools.partial(os.dup2, results_w, 3),
+            # A single C call (no Python code) in the child; see the docstring.
+            preexec_fn=functools.partial(os.dup2, results_w, 3),  # noqa: PLW1509
         )
     except BaseException:
         for fd in (stdin_w, results_r):
@@ -196,6 +197,11 @@ class ActionProcess:
         except TimeoutError as exc:
             await self.kill()
             raise ActionTimeout(f"the action did not answer within {timeout:g}s") from exc
+        except asyncio.CancelledError:
+            # Its result may still come: nobody must read it as theirs.
+            self._signal(signal.SIGKILL)
+            self._become(State.DEAD)
+            raise
         finally:
             write_sentinels()
         if self.state is State.BUSY:

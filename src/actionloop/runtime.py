@@ -8,19 +8,21 @@ messages follow SPEC.md part A.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from . import __version__, archive, protocol
 from .config import Config
 from .errors import ActionLoopError, PrepareError, RequestError, StartError
+from .metrics import Metrics, kind_of
 from .payloads import ALREADY_INITIALISED, InitRequest
-from .pool import Shared
+from .pool import Pool, Runner, Shared, Starter
 from .prepare import ACK_MARKER, EXEC_ENV, discard, prepare
 from .process import ActionProcess, write_sentinels
 
@@ -53,10 +55,15 @@ def next_folder(base: Path) -> Path:
 class Runtime:
     """The state of one runtime: its settings and its initialised action."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         self.config = config
-        self.runner: Shared | None = None
+        self.metrics = metrics or Metrics()
+        self.runner: Runner | None = None
+        self._start: Starter | None = None
         self._init_lock = asyncio.Lock()
+        # /run keeps OpenWhisk's one activation at a time, whatever the mode.
+        self._run_lock = asyncio.Lock()
+        self._own_processes = 0
 
     @property
     def initialized(self) -> bool:
@@ -83,14 +90,22 @@ class Runtime:
             except PrepareError as exc:
                 discard(folder)
                 raise self._init_failure(exc, PREPARE_FAILED_LOGGED) from exc
-            runner = Shared(self._starter(exec_path, request.env), self.config.stop_grace)
+            start = self._starter(exec_path, request.env)
+            runner = self._runner(start)
             try:
                 await runner.open()
             except StartError as exc:
                 raise self._init_failure(exc, START_FAILED_LOGGED, "cannot start action: ") from exc
-            previous, self.runner = self.runner, runner
+            previous, self.runner, self._start = self.runner, runner, start
         if previous is not None:
             await previous.close()
+
+    def _runner(self, start: Starter) -> Runner:
+        """The runner of the configured mode (connection mode: for /run only)."""
+        restarted = self.metrics.restarts.inc
+        if self.config.mode == "pool":
+            return Pool(start, self.config.processes, self.config.stop_grace, restarted)
+        return Shared(start, self.config.stop_grace, restarted)
 
     def _prepare(self, request: InitRequest, folder: Path) -> Path:
         src = folder / "src"
@@ -112,7 +127,7 @@ class Runtime:
         write_sentinels()
         return type(exc)(logged)
 
-    def _starter(self, exec_path: Path, init_env: Mapping[str, str]) -> Any:
+    def _starter(self, exec_path: Path, init_env: Mapping[str, str]) -> Starter:
         env = self.action_env(init_env)
         ack = self.config.wait_for_ack or (exec_path.parent / ACK_MARKER).exists()
 
@@ -148,24 +163,65 @@ class Runtime:
         """One /run activation: the body, encoded anew, is the stdin line."""
         if self.runner is None:
             raise ActionLoopError(NO_ACTION, 500)
-        return await self.runner.invoke(protocol.run_line(body))
+        async with self._run_lock:
+            return await self._invoke(self.runner, protocol.run_line(body), None)
 
-    async def message(self, data: str | bytes, connection: str) -> bytes:
+    async def _invoke(self, runner: Runner, line: bytes, timeout: float | None) -> bytes:
+        started = time.perf_counter()
+        try:
+            return await runner.invoke(line, timeout)
+        except ActionLoopError as exc:
+            self.metrics.errors.labels(kind_of(exc)).inc()
+            raise
+        finally:
+            self.metrics.latency.observe(time.perf_counter() - started)
+
+    @contextlib.asynccontextmanager
+    async def session(self, connection: str) -> AsyncIterator[Session]:
+        """A WebSocket connection's view of the action (SPEC.md part C modes).
+
+        In connection mode the connection gets a process of its own, started
+        now and stopped when the connection ends; StartError or a 503 says no.
+        """
+        if self.config.mode != "connection" or self._start is None:
+            yield Session(self, connection, None)
+            return
+        if self._own_processes >= self.config.max_processes:
+            raise ActionLoopError("Too many connections with their own action process; try again later.", 503)
+        self._own_processes += 1
+        try:
+            runner = Shared(self._start, self.config.stop_grace, self.metrics.restarts.inc)
+            await runner.open()
+            try:
+                yield Session(self, connection, runner)
+            finally:
+                await runner.close()
+        finally:
+            self._own_processes -= 1
+
+    async def message(self, data: str | bytes, connection: str, runner: Runner | None = None) -> bytes:
         """One WebSocket message: the reply to send, a result or an error."""
         try:
             value = protocol.loads(data)
         except protocol.JSON_ERRORS as exc:
+            self.metrics.errors.labels("bad_json").inc()
             return protocol.error(f"The message is not valid JSON: {exc}")
-        if self.runner is None:
+        runner = runner or self.runner
+        if runner is None:
+            self.metrics.errors.labels("no_action").inc()
             return protocol.error(NO_ACTION)
         timeout = self.config.message_timeout or None
         meta = {"activation_id": uuid.uuid4().hex, "connection_id": connection}
         if timeout:
             # OpenWhisk's deadline: epoch milliseconds, as a string.
             meta["deadline"] = str(int((time.time() + timeout) * 1000))
-        line = protocol.run_line(protocol.message_body(value, meta))
         try:
-            return await self.runner.invoke(line, timeout)
+            line = protocol.run_line(protocol.message_body(value, meta))
+        except protocol.JSON_ERRORS as exc:
+            self.metrics.errors.labels("bad_json").inc()
+            return protocol.error(f"The message cannot be passed on as JSON: {exc}")
+        try:
+            return await self._invoke(runner, line, timeout)
         except ActionLoopError as exc:
             return protocol.error(exc.message)
 
@@ -183,3 +239,15 @@ class Runtime:
     async def close(self) -> None:
         if self.runner is not None:
             await self.runner.close()
+
+
+class Session:
+    """One WebSocket connection: its id and, in connection mode, its runner."""
+
+    def __init__(self, runtime: Runtime, connection: str, runner: Runner | None) -> None:
+        self.runtime = runtime
+        self.connection = connection
+        self.runner = runner
+
+    async def message(self, data: str | bytes) -> bytes:
+        return await self.runtime.message(data, self.connection, self.runner)

@@ -6,31 +6,21 @@ calls and runtime answers (or errors) into responses (SPEC.md parts A and B).
 
 from __future__ import annotations
 
-import asyncio
 import html
-import itertools
 from importlib import resources
 from typing import Any
 
-from aiohttp import WSCloseCode, WSMsgType, web
-from yarl import URL
+from aiohttp import web
 
-from . import payloads, protocol
+from . import payloads, protocol, websocket
 from .config import Config
 from .errors import ActionLoopError
+from .metrics import CONTENT_TYPE
 from .runtime import Runtime
+from .websocket import Sockets
 
 RUNTIME = web.AppKey("runtime", Runtime)
 JSON = "application/json"
-
-
-class Sockets:
-    """The open WebSockets, and which are mid-message (for a graceful drain)."""
-
-    def __init__(self) -> None:
-        self.open: set[web.WebSocketResponse] = set()
-        self.busy: set[web.WebSocketResponse] = set()
-        self.draining = False
 
 
 SOCKETS = web.AppKey("sockets", Sockets)
@@ -70,77 +60,17 @@ async def handle_run(request: web.Request) -> web.Response:
         return error_response(exc)
 
 
-def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
-    """Compare the browser's Origin (not Host) with the allow-list (SPEC.md B).
-
-    An entry with a scheme must match scheme, host and port; a bare host name
-    matches that host on any scheme and port. No Origin: not a browser, allowed.
-    """
-    if not allowed or origin is None:
-        return True
-    try:
-        url = URL(origin)
-    except ValueError:
-        return False
-    if not url.host:
-        return False
-    for entry in allowed:
-        if "://" in entry:
-            wanted = URL(entry)
-            if (wanted.scheme, wanted.host, wanted.port) == (url.scheme, url.host, url.port):
-                return True
-        elif entry.lower() == url.host.lower():
-            return True
-    return False
-
-
-_connection_ids = itertools.count(1)
-
-
 async def handle_websocket(request: web.Request) -> web.StreamResponse:
-    config: Config = request.app[RUNTIME].config
-    sockets = request.app[SOCKETS]
-    if not origin_allowed(request.headers.get("Origin"), config.origins):
-        return json_response(protocol.error("This origin may not open a WebSocket here."), 403)
-    if sockets.draining:
-        return json_response(protocol.error("The server is shutting down."), 503)
-    ws = web.WebSocketResponse(max_msg_size=config.max_message, heartbeat=config.ping_interval or None)
-    await ws.prepare(request)
-    sockets.open.add(ws)
-    try:
-        await converse(request.app[RUNTIME], ws, sockets, f"ws-{next(_connection_ids)}")
-    finally:
-        sockets.open.discard(ws)
-    return ws
-
-
-async def converse(runtime: Runtime, ws: web.WebSocketResponse, sockets: Sockets, connection: str) -> None:
-    """Continuous mode: each message invokes the action, the reply comes back."""
-    async for msg in ws:
-        sockets.busy.add(ws)
-        try:
-            if msg.type is WSMsgType.TEXT:
-                await ws.send_str((await runtime.message(msg.data, connection)).decode())
-            elif msg.type is WSMsgType.BINARY:
-                # A binary frame of UTF-8 JSON is served alike, answered in kind.
-                await ws.send_bytes(await runtime.message(msg.data, connection))
-            else:  # ERROR: e.g. an oversized message, already closed with 1009
-                break
-        except ConnectionResetError:
-            break  # the client vanished before its reply; nobody else is affected
-        finally:
-            sockets.busy.discard(ws)
-        if sockets.draining:
-            # The in-flight reply is out; now say goodbye (SPEC.md part C).
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+    return await websocket.handle(request, request.app[RUNTIME], request.app[SOCKETS])
 
 
 async def close_sockets(app: web.Application) -> None:
-    """On shutdown, idle WebSockets hear 1001 (going away) now; busy ones after their reply."""
-    sockets = app[SOCKETS]
-    sockets.draining = True
-    idle = sockets.open - sockets.busy
-    await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down") for ws in idle))
+    await websocket.drain(app[SOCKETS])
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    body = request.app[RUNTIME].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def handle_live(request: web.Request) -> web.Response:
@@ -173,6 +103,7 @@ def build_app(runtime: Runtime) -> web.Application:
     app.router.add_post("/run", handle_run)
     app.router.add_get("/healthz", handle_live)
     app.router.add_get("/readyz", handle_ready)
+    app.router.add_get("/metrics", handle_metrics)
     if config.websocket:
         app.router.add_get(config.websocket, handle_websocket)
     if config.demo and config.websocket and config.websocket != "/":
