@@ -45,3 +45,12 @@ def test_every_setting_is_a_field() -> None:
     """The settings table and the Config fields cannot drift apart."""
     fields = set(Config.__dataclass_fields__)
     assert {s.field for s in SETTINGS} <= fields
+
+
+def test_readme_lists_every_setting() -> None:
+    """The README's settings table names every variable and every flag."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for setting in SETTINGS:
+        assert f"`{setting.env}`" in readme, setting.env
+        if setting.field != "debug":
+            assert f"`--{setting.field.replace('_', '-')}" in readme, setting.field
