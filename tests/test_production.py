@@ -308,3 +308,16 @@ def test_fuzz_message_path(start_server: Any, tmp_path: Path) -> None:
         assert ask(ws, {"still": "up"}) == {"echo": {"still": "up"}}
     assert server.process.poll() is None
     os.kill(server.process.pid, 0)
+
+
+def test_run_stays_one_at_a_time_in_pool_mode(start_server: Any, tmp_path: Path) -> None:
+    """HTTP /run keeps OpenWhisk's one-activation-at-a-time semantics even with a pool."""
+    server = serve(start_server, tmp_path, SLOW, OW_PROCESS_MODE="pool", OW_POOL_SIZE="2")
+    results: dict[int, Any] = {}
+
+    def call(n: int) -> None:
+        results[n] = server.run({"sleep": 0.5})[1]
+
+    concurrently(2, call)
+    first, second = sorted(results.values(), key=lambda r: r["start"])
+    assert second["start"] >= first["end"], "two /run activations overlapped"
