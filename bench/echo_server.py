@@ -1,6 +1,5 @@
 """The practical limit: hello computed inside a picows server, no action process."""
 
-import asyncio
 import json
 import sys
 

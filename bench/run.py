@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import datetime
 import http.client
-import json
 import multiprocessing
 import os
 import platform
