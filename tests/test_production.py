@@ -270,7 +270,7 @@ def test_metrics_after_known_workload(start_server: Any, tmp_path: Path) -> None
     assert counts[("actionloop_invocation_seconds_count", ())] == 6
     assert counts[("actionloop_websocket_connections_opened_total", ())] == 1
     assert counts[("actionloop_websocket_connections", ())] == 0
-    assert counts[("actionloop_queued_messages", ())] == 0
+    assert counts[("actionloop_messages_in_flight", ())] == 0
     events = [json.loads(line) for line in server.err().splitlines() if line.startswith('{"time"')]
     assert [e["event"] for e in events] == ["websocket_open", "websocket_close"]
     assert events[0]["connection"] == events[1]["connection"] and events[1]["code"] == 1000

@@ -53,7 +53,6 @@ SETTINGS = (
     Setting("pool_size", "OW_POOL_SIZE", "action processes in pool mode; 0: one per CPU"),
     Setting("max_processes", "OW_MAX_PROCESSES", "most action processes at once in connection mode"),
     Setting("max_connections", "OW_WEBSOCKET_MAX_CONNECTIONS", "most WebSocket connections at once"),
-    Setting("max_queue", "OW_WEBSOCKET_MAX_QUEUE", "messages read ahead per connection before reading stops"),
     Setting("idle_timeout", "OW_WEBSOCKET_IDLE_TIMEOUT", "seconds without a message before closing; 0: never"),
     Setting("token", "OW_WEBSOCKET_TOKEN", "shared secret a WebSocket client must present"),
 )
@@ -88,7 +87,6 @@ class Config:
     pool_size: int = 0
     max_processes: int = 100
     max_connections: int = 10000
-    max_queue: int = 16
     idle_timeout: float = 3600.0
     token: str = ""
 

@@ -43,9 +43,7 @@ class Metrics:
         self.restarts = Counter(
             "actionloop_action_restarts", "Action processes replaced after dying", registry=registry
         )
-        self.queued = Gauge(
-            "actionloop_queued_messages", "WebSocket messages read but not yet answered", registry=registry
-        )
+        self.in_flight = Gauge("actionloop_messages_in_flight", "WebSocket messages being answered", registry=registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -17,6 +17,7 @@ Life of a process, one table (the only transitions there are):
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import fcntl
 import functools
@@ -93,6 +94,60 @@ def spawn(exec_path: Path, env: Mapping[str, str]) -> tuple[subprocess.Popen[byt
     return child, stdin_w, results_r
 
 
+class LineReader(asyncio.Protocol):
+    """Lines from the result pipe (fd 3), with no stream layers in between."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.lines: collections.deque[bytes] = collections.deque()
+        self.buffer = bytearray()
+        self.eof = False
+        self.overflow = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if b"\n" in data:
+            self.buffer += data
+            *lines, rest = self.buffer.split(b"\n")
+            self.lines.extend(line + b"\n" for line in lines)
+            self.buffer = bytearray(rest)
+        else:
+            self.buffer += data
+        if len(self.buffer) > self.limit:
+            self.overflow = True
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.feed_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.feed_eof()
+
+    def feed_eof(self) -> None:
+        self.eof = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def readline(self) -> bytes:
+        """The next line with its newline; b"" once the pipe is closed; ValueError if over the limit."""
+        while not self.lines:
+            if self.overflow:
+                raise ValueError("result line over the limit")
+            if self.eof:
+                return b""
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        return self.lines.popleft()
+
+
 class ActionProcess:
     """A running action program that answers one activation at a time."""
 
@@ -104,9 +159,9 @@ class ActionProcess:
         self.returncode: int | None = None
         self._child: subprocess.Popen[bytes] | None = None
         self._exited: asyncio.Future[None] | None = None
-        self._results = asyncio.StreamReader(limit=max_result)
-        self._pipes: list[asyncio.BaseTransport] = []
-        self._stdin: asyncio.StreamWriter | None = None
+        self._results = LineReader(max_result)
+        self._stdin = -1
+        self._timed_out = False
 
     def _become(self, state: State) -> None:
         if state not in TRANSITIONS[self.state]:
@@ -131,14 +186,9 @@ class ActionProcess:
             raise StartError(str(exc)) from exc
         self._exited = loop.create_future()
         self._watch_exit(loop)
-        reader, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(self._results), os.fdopen(results_r, "rb", 0)
-        )
-        writer, proto = await loop.connect_write_pipe(
-            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), os.fdopen(stdin_w, "wb", 0)
-        )
-        self._pipes = [reader, writer]
-        self._stdin = asyncio.StreamWriter(writer, proto, None, loop)
+        await loop.connect_read_pipe(lambda: self._results, os.fdopen(results_r, "rb", 0))
+        os.set_blocking(stdin_w, False)
+        self._stdin = stdin_w
         try:
             await (self._await_ack(timeout) if ack else self._await_survival())
         except StartError:
@@ -191,33 +241,41 @@ class ActionProcess:
         if self.state is not State.READY:
             raise ActionExited()
         self._become(State.BUSY)
+        # A timer, not wait_for: no task per activation on the hot path.
+        timer = asyncio.get_running_loop().call_later(timeout, self._expire) if timeout else None
         try:
-            exchange = self._exchange(line)
-            result = await (exchange if timeout is None else asyncio.wait_for(exchange, timeout))
-        except TimeoutError as exc:
-            await self.kill()
-            raise ActionTimeout(f"the action did not answer within {timeout:g}s") from exc
+            result = await self._exchange(line)
+        except ActionExited as exc:
+            if self._timed_out:
+                raise ActionTimeout(f"the action did not answer within {timeout:g}s") from exc
+            raise
         except asyncio.CancelledError:
             # Its result may still come: nobody must read it as theirs.
             self._signal(signal.SIGKILL)
             self._become(State.DEAD)
             raise
         finally:
+            if timer is not None:
+                timer.cancel()
             write_sentinels()
-        if self.state is State.BUSY:
+        if self.state is State.BUSY:  # it may have exited just after answering
             self._become(State.READY)
         try:
             return protocol.check_result(result)
         except protocol.JSON_ERRORS as exc:
             raise BadResult() from exc
 
+    def _expire(self) -> None:
+        """The activation took too long: kill the process; its pipe closing ends the wait."""
+        self._timed_out = True
+        self._signal(signal.SIGKILL)
+        self._results.feed_eof()
+
     async def _exchange(self, line: bytes) -> bytes:
-        assert self._stdin is not None
         try:
-            self._stdin.write(line)
-            await self._stdin.drain()
+            await self._write(line)
             result = await self._results.readline()
-        except (ConnectionError, OSError) as exc:
+        except OSError as exc:  # EPIPE and friends: the process is gone
             self._become(State.DEAD)
             raise ActionExited() from exc
         except ValueError as exc:
@@ -229,6 +287,24 @@ class ActionProcess:
             self._become(State.DEAD)
             raise ActionExited()
         return result
+
+    async def _write(self, data: bytes) -> None:
+        """All of `data` to the action's stdin; waits only when the pipe is full."""
+        view = memoryview(data)
+        while True:
+            try:
+                view = view[os.write(self._stdin, view) :]
+            except BlockingIOError:
+                pass
+            if not view:
+                return
+            loop = asyncio.get_running_loop()
+            writable = loop.create_future()
+            loop.add_writer(self._stdin, writable.set_result, None)
+            try:
+                await writable
+            finally:
+                loop.remove_writer(self._stdin)
 
     async def kill(self) -> None:
         """Kill the process group now and wait for the process to be reaped."""
@@ -258,8 +334,11 @@ class ActionProcess:
             # Also reaches grandchildren left behind by a process that exited.
             self._signal(signal.SIGKILL)
             await self._exited
-        for pipe in self._pipes:
-            pipe.close()
+        if self._stdin >= 0:
+            os.close(self._stdin)
+            self._stdin = -1
+        if self._results.transport is not None:
+            self._results.transport.close()
         self._results.feed_eof()
 
 

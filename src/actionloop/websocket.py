@@ -4,11 +4,11 @@ Handshake (SPEC.md parts B and C), refused before the upgrade:
   403 another site's Origin; 401 no token / 403 wrong token (when one is set);
   503 too many connections, too many per-connection processes, or draining.
 
-Conversation: a reader takes messages off the socket into a small queue and a
-worker answers them one by one, in order. When the queue is full the reader
-stops reading, so a client far ahead is held back by TCP instead of being
-buffered without bound; a client that never reads its replies stalls its own
-worker the same way.
+Conversation: messages are answered one by one, in order. While a message is
+being answered nothing more is taken off the socket: aiohttp reads ahead at
+most 64 KiB per connection and then stops reading, so a client far ahead is
+held back by TCP instead of being buffered without bound. A client that never
+reads its replies stalls only its own conversation, the same way.
 """
 
 from __future__ import annotations
@@ -140,15 +140,25 @@ async def converse(request: web.Request, session: Session, sockets: Sockets) -> 
     metrics.opened.inc()
     opened = time.monotonic()
     log_event("websocket_open", connection=session.connection, remote=request.remote, path=request.path)
-    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=config.max_queue)
-    worker = asyncio.create_task(answer(ws, queue, session, sockets))
+    idle = IdleTimer(ws, config.idle_timeout)
     try:
-        await read(ws, queue, runtime, sockets)
+        async for msg in ws:  # ends on CLOSE, or ERROR (oversized: closed with 1009)
+            sockets.busy.add(ws)
+            idle.busy = True
+            metrics.received.inc()
+            metrics.in_flight.inc()
+            try:
+                await reply_to(ws, msg, session)
+            finally:
+                metrics.in_flight.dec()
+                sockets.busy.discard(ws)
+                idle.touch()
+            if sockets.draining:
+                # The in-flight reply is out; now say goodbye (SPEC.md part C).
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=GOING_AWAY)
     finally:
-        await queue.put(None)
-        await worker
+        idle.cancel()
         sockets.open.discard(ws)
-        sockets.busy.discard(ws)
         metrics.connections.dec()
         log_event(
             "websocket_close",
@@ -159,48 +169,47 @@ async def converse(request: web.Request, session: Session, sockets: Sockets) -> 
     return ws
 
 
-async def read(ws: web.WebSocketResponse, queue: asyncio.Queue[Any], runtime: Runtime, sockets: Sockets) -> None:
-    """Take messages off the socket until it closes (or stays idle too long)."""
-    idle_timeout = runtime.config.idle_timeout or None
-    metrics = runtime.metrics
-    while True:
-        try:
-            msg = await ws.receive(timeout=idle_timeout)
-        except TimeoutError:
-            if ws in sockets.busy:
-                continue  # waiting on a slow reply is not idleness
-            await ws.close(code=WSCloseCode.OK, message=b"idle timeout")
-            return
-        if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-            return  # CLOSE, CLOSING, CLOSED, or ERROR (oversized: closed with 1009)
-        metrics.received.inc()
-        metrics.queued.inc()
-        sockets.busy.add(ws)
-        await queue.put(msg)
+class IdleTimer:
+    """Closes a connection after `timeout` s with no message (1000, "idle timeout").
 
+    Messages only record the time; the timer re-arms itself when it fires
+    early, so the hot path pays one assignment, not a timer per message.
+    """
 
-async def answer(ws: web.WebSocketResponse, queue: asyncio.Queue[Any], session: Session, sockets: Sockets) -> None:
-    """Answer queued messages in order; after the connection ends, drop the rest."""
-    metrics = session.runtime.metrics
-    while (msg := await queue.get()) is not None:
-        if not ws.closed:
-            await reply_to(ws, msg, session)
-        metrics.queued.dec()
-        if queue.empty():
-            sockets.busy.discard(ws)
-            if sockets.draining and not ws.closed:
-                # The in-flight replies are out; now say goodbye (SPEC.md part C).
-                await ws.close(code=WSCloseCode.GOING_AWAY, message=GOING_AWAY)
+    def __init__(self, ws: web.WebSocketResponse, timeout: float) -> None:
+        self.ws = ws
+        self.timeout = timeout
+        self.loop = asyncio.get_running_loop()
+        self.last = self.loop.time()
+        self.busy = False  # waiting on a slow reply is not idleness
+        self.handle = self.loop.call_later(timeout, self._fire) if timeout else None
+
+    def touch(self) -> None:
+        self.last = self.loop.time()
+        self.busy = False
+
+    def _fire(self) -> None:
+        remaining = self.timeout if self.busy else self.last + self.timeout - self.loop.time()
+        if remaining > 0:
+            self.handle = self.loop.call_later(remaining, self._fire)
+        else:
+            self.handle = None
+            self.task = asyncio.ensure_future(self.ws.close(code=WSCloseCode.OK, message=b"idle timeout"))
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
 
 
 async def reply_to(ws: web.WebSocketResponse, msg: Any, session: Session) -> None:
-    reply = await session.message(msg.data)
+    if msg.type is WSMsgType.TEXT:
+        reply = await session.message(msg.data)
+        send = ws.send_str(reply.decode())
+    else:
+        # A binary frame of UTF-8 JSON is served alike, answered in kind.
+        send = ws.send_bytes(await session.message(msg.data))
     try:
-        if msg.type is WSMsgType.TEXT:
-            await ws.send_str(reply.decode())
-        else:
-            # A binary frame of UTF-8 JSON is served alike, answered in kind.
-            await ws.send_bytes(reply)
+        await send
     except ConnectionError:
         return  # the client vanished before its reply; nobody else is affected
     session.runtime.metrics.sent.inc()
