@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import __version__, archive, kube, server
+from . import __version__, archive, server
 from .config import Config, add_flags, flag_values, from_env
 from .errors import ActionLoopError
 from .prepare import prepare
@@ -64,7 +64,7 @@ def kube_parser() -> argparse.ArgumentParser:
     parser.add_argument("--path", default="/hello", help="WebSocket path (default /hello)")
     parser.add_argument("--host", default="", help="Ingress host; also the only allowed browser Origin")
     parser.add_argument("--replicas", type=int, default=1, help="pods (default 1)")
-    parser.add_argument("--image", default=kube.KubeSpec.image, help=f"runtime image (default {kube.KubeSpec.image})")
+    parser.add_argument("--image", help=f"runtime image (default actionloop:{__version__})")
     parser.add_argument("--namespace", default="", help="namespace to create and use")
     parser.add_argument("--main", default="main", help="entry point (default main)")
     parser.add_argument("--ingress-class", default="nginx", help="ingressClassName (default nginx)")
@@ -73,13 +73,15 @@ def kube_parser() -> argparse.ArgumentParser:
 
 
 def print_manifests(args: argparse.Namespace) -> int:
+    from . import kube  # PyYAML is needed only here: keep it out of start-up
+
     spec = kube.KubeSpec(
         name=args.name,
         filename=args.file.name,
         path=args.path,
         host=args.host,
         replicas=args.replicas,
-        image=args.image,
+        image=args.image or kube.KubeSpec.image,
         namespace=args.namespace,
         main=args.main,
         demo=args.demo,

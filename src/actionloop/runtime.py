@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,12 @@ def log(message: str) -> None:
     """One line on stderr, where OpenWhisk and Kubernetes collect logs."""
     sys.stderr.write(message.rstrip("\n") + "\n")
     sys.stderr.flush()
+
+
+def activation_ids() -> Iterator[str]:
+    """Unique 32-hex-digit ids, like OpenWhisk's: a random prefix and a counter."""
+    prefix = os.urandom(8).hex()
+    return (f"{prefix}{n:016x}" for n in itertools.count(1))
 
 
 def next_folder(base: Path) -> Path:
@@ -64,6 +70,7 @@ class Runtime:
         # /run keeps OpenWhisk's one activation at a time, whatever the mode.
         self._run_lock = asyncio.Lock()
         self._own_processes = 0
+        self._activation_ids = activation_ids()
 
     @property
     def initialized(self) -> bool:
@@ -211,7 +218,7 @@ class Runtime:
             self.metrics.errors.labels("no_action").inc()
             return protocol.error(NO_ACTION)
         timeout = self.config.message_timeout or None
-        meta = {"activation_id": uuid.uuid4().hex, "connection_id": connection}
+        meta = {"activation_id": next(self._activation_ids), "connection_id": connection}
         if timeout:
             # OpenWhisk's deadline: epoch milliseconds, as a string.
             meta["deadline"] = str(int((time.time() + timeout) * 1000))

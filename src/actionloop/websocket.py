@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, web
 from yarl import URL
 
 from . import protocol
@@ -202,14 +202,11 @@ class IdleTimer:
 
 
 async def reply_to(ws: web.WebSocketResponse, msg: Any, session: Session) -> None:
-    if msg.type is WSMsgType.TEXT:
-        reply = await session.message(msg.data)
-        send = ws.send_str(reply.decode())
-    else:
-        # A binary frame of UTF-8 JSON is served alike, answered in kind.
-        send = ws.send_bytes(await session.message(msg.data))
+    # The reply is UTF-8 JSON bytes already: sent as is, in the frame type of
+    # the message (a binary frame of UTF-8 JSON is served alike).
+    reply = await session.message(msg.data)
     try:
-        await send
+        await ws.send_frame(reply, msg.type)
     except ConnectionError:
         return  # the client vanished before its reply; nobody else is affected
     session.runtime.metrics.sent.inc()
