@@ -40,6 +40,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 PAYLOAD = b'{"name": "bench"}'
 EXPECTED = b'"greeting"'
+NOTES = "## Notes"
 
 
 def free_port() -> int:
@@ -482,7 +483,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(text)
     if args.save:
-        (HERE / "RESULTS.md").write_text(text)
+        # The hand-written analysis below the table survives a new run.
+        results = HERE / "RESULTS.md"
+        old = results.read_text() if results.exists() else ""
+        notes = old[old.index(NOTES) :] if NOTES in old else ""
+        results.write_text(text + ("\n" + notes if notes else ""))
     return 0
 
 
