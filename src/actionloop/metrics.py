@@ -1,20 +1,26 @@
-"""Prometheus metrics of one runtime, in a registry of its own.
+"""Prometheus metrics of one runtime.
 
 Scraped at /metrics. Names follow Prometheus conventions: counters end in
-_total (added by the client library), durations are in seconds.
+_total, durations are in seconds. The hot path only adds to plain integers
+(one event loop thread owns them, so no locks); prometheus-client, imported
+when first scraped, turns them into the exposition format.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+import bisect
+import collections
+from collections.abc import Iterator
+from typing import Any
 
 from .errors import ActionExited, ActionLoopError, ActionTimeout, BadResult, StartError
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Error kinds, by whose fault (see errors.py); handshake refusals have their own.
 KINDS = {ActionExited: "command_exited", ActionTimeout: "timeout", BadResult: "bad_result", StartError: "start_failed"}
+
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 def kind_of(exc: ActionLoopError) -> str:
@@ -25,25 +31,58 @@ class Metrics:
     """The runtime's counters, gauges and the invocation latency histogram."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        registry = self.registry
-        self.connections = Gauge("actionloop_websocket_connections", "Open WebSocket connections", registry=registry)
-        self.opened = Counter(
-            "actionloop_websocket_connections_opened", "WebSocket connections accepted", registry=registry
+        self.connections = 0  # gauge: open WebSocket connections
+        self.opened = 0
+        self.received = 0
+        self.sent = 0
+        self.restarts = 0
+        self.in_flight = 0  # gauge: WebSocket messages being answered
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.buckets = [0] * (len(BUCKETS) + 1)  # the last one is +Inf
+        self.latency_sum = 0.0
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] += 1
+
+    def restarted(self) -> None:
+        self.restarts += 1
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+
+    def collect(self) -> Iterator[Any]:
+        """The metric families, for prometheus-client's exposition."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        yield GaugeMetricFamily("actionloop_websocket_connections", "Open WebSocket connections", self.connections)
+        yield CounterMetricFamily(
+            "actionloop_websocket_connections_opened", "WebSocket connections accepted", self.opened
         )
-        self.received = Counter("actionloop_messages_received", "WebSocket messages received", registry=registry)
-        self.sent = Counter("actionloop_messages_sent", "WebSocket replies sent", registry=registry)
-        self.errors = Counter("actionloop_errors", "Failures, by kind", ["kind"], registry=registry)
-        self.latency = Histogram(
+        yield CounterMetricFamily("actionloop_messages_received", "WebSocket messages received", self.received)
+        yield CounterMetricFamily("actionloop_messages_sent", "WebSocket replies sent", self.sent)
+        errors = CounterMetricFamily("actionloop_errors", "Failures, by kind", labels=["kind"])
+        for kind, count in sorted(self.errors.items()):
+            errors.add_metric([kind], count)
+        yield errors
+        cumulative, total = [], 0
+        for bound, count in zip((*BUCKETS, float("inf")), self.buckets, strict=True):
+            total += count
+            cumulative.append((str(float(bound)) if bound != float("inf") else "+Inf", total))
+        yield HistogramMetricFamily(
             "actionloop_invocation_seconds",
             "Time from handing an activation to the action until its result",
-            registry=registry,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            buckets=cumulative,
+            sum_value=self.latency_sum,
         )
-        self.restarts = Counter(
-            "actionloop_action_restarts", "Action processes replaced after dying", registry=registry
+        yield CounterMetricFamily(
+            "actionloop_action_restarts", "Action processes replaced after dying", self.restarts
         )
-        self.in_flight = Gauge("actionloop_messages_in_flight", "WebSocket messages being answered", registry=registry)
+        yield GaugeMetricFamily("actionloop_messages_in_flight", "WebSocket messages being answered", self.in_flight)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        return generate_latest(registry)

@@ -14,14 +14,16 @@ A process that died is replaced from the same prepared code on next use.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from .errors import ActionLoopError
-from .process import ActionProcess
+from .errors import ActionExited, ActionLoopError
+from .process import ActionProcess, Done, settled
 
 Starter = Callable[[], Awaitable[ActionProcess]]
+Job = tuple[bytes, "float | None", Done]
 
 MODES = ("shared", "pool", "connection")
 
@@ -34,73 +36,114 @@ class Runner(Protocol):
     failure: str | None
 
     async def open(self) -> None: ...
-    async def invoke(self, line: bytes, timeout: float | None = None) -> bytes: ...
+    def submit(self, line: bytes, timeout: float | None, done: Done) -> None: ...
     async def close(self) -> None: ...
 
 
+async def invoke(runner: Runner, line: bytes, timeout: float | None = None) -> bytes:
+    """One activation on `runner`, awaited: the result, or the error raised."""
+    return await settled(functools.partial(runner.submit, line, timeout))
+
+
 class Shared:
-    """One action process shared by all callers, one activation at a time."""
+    """One action process shared by all callers, one activation at a time.
+
+    Activations wait in a FIFO queue; each is handed to the process as soon
+    as the one before it is answered, with no task or lock in between.
+    """
 
     def __init__(self, start: Starter, stop_grace: float, on_restart: Callable[[], None] = _nothing) -> None:
         self._start = start
         self._stop_grace = stop_grace
         self._on_restart = on_restart
         self._process: ActionProcess | None = None
-        self._lock = asyncio.Lock()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._busy = False
         self._closed = False
         self._restart: asyncio.Task[None] | None = None
+        self._drained: asyncio.Future[None] | None = None
         self.failure: str | None = None
 
     async def open(self) -> None:
         """Start the first process; StartError says why it could not."""
         self._process = await self._start()
 
-    async def invoke(self, line: bytes, timeout: float | None = None) -> bytes:
-        """One activation on the shared process, after those queued before it."""
-        async with self._lock:
-            process = await self._ready()
-            try:
-                return await process.invoke(line, timeout)
-            finally:
-                if not process.alive and not self._closed:
-                    # Replace it now, not when the next caller arrives.
-                    self._restart = asyncio.create_task(self._replace())
+    def submit(self, line: bytes, timeout: float | None, done: Done) -> None:
+        """Queue one activation; `done` hears its outcome once it has run."""
+        if self._closed:
+            done(ActionExited())
+            return
+        self._queue.append((line, timeout, done))
+        self._pump()
+
+    def _pump(self, eager: bool = False) -> None:
+        """Start the next activation, or replace a dead process first."""
+        if self._busy or self._restart is not None:
+            return
+        process = self._process
+        if process is None or not process.alive:
+            if self._closed:
+                self._fail_queued(ActionExited())
+            elif self._queue or eager:
+                self._restart = asyncio.ensure_future(self._replace())
+            return
+        if not self._queue:
+            if self._drained is not None and not self._drained.done():
+                self._drained.set_result(None)
+            return
+        line, timeout, done = self._queue.popleft()
+        self._busy = True
+        process.submit(line, timeout, functools.partial(self._answered, done))
+
+    def _answered(self, done: Done, outcome: bytes | ActionLoopError) -> None:
+        self._busy = False
+        # The next activation starts before this reply goes out; a process
+        # that died is replaced now, not when the next caller arrives.
+        self._pump(eager=True)
+        done(outcome)
 
     async def _replace(self) -> None:
-        async with self._lock:
-            if not self._closed:
-                with contextlib.suppress(ActionLoopError):
-                    await self._ready()
-
-    async def _ready(self) -> ActionProcess:
-        if self._process is not None and self._process.alive:
-            return self._process
-        if self._process is not None:
-            await self._process.stop(0)
-            self._on_restart()
-        self._process = None
+        old, self._process = self._process, None
         try:
+            if old is not None:
+                await old.stop(0)
+                self._on_restart()
             self._process = await self._start()
+            self.failure = None
         except ActionLoopError as exc:
             self.failure = exc.message
-            raise
-        self.failure = None
-        return self._process
+            self._fail_queued(exc)
+        finally:
+            self._restart = None
+        self._pump()
+
+    def _fail_queued(self, error: ActionLoopError) -> None:
+        queued, self._queue = self._queue, collections.deque()
+        for _, _, done in queued:
+            done(error)
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
 
     async def close(self) -> None:
-        """Stop the process, letting a running activation finish first."""
-        async with self._lock:
-            self._closed = True
-            if self._process is not None:
-                await self._process.stop(self._stop_grace)
+        """Stop the process, letting queued and running activations finish first."""
+        self._closed = True
+        while self._busy or self._queue or self._restart is not None:
+            if self._restart is not None:
+                await asyncio.shield(self._restart)
+                continue
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+        if self._process is not None:
+            await self._process.stop(self._stop_grace)
 
 
 class Pool:
-    """Several action processes; an activation runs on any idle one."""
+    """Several action processes; an activation runs on the one idle the longest."""
 
     def __init__(self, start: Starter, size: int, stop_grace: float, on_restart: Callable[[], None] = _nothing) -> None:
         self._members = [Shared(start, stop_grace, on_restart) for _ in range(max(1, size))]
-        self._idle: asyncio.Queue[Shared] = asyncio.Queue()
+        self._idle: collections.deque[Shared] = collections.deque()
+        self._queue: collections.deque[Job] = collections.deque()
 
     @property
     def failure(self) -> str | None:
@@ -113,16 +156,23 @@ class Pool:
         if failed:
             await self.close()
             raise failed[0]
-        for member in self._members:
-            self._idle.put_nowait(member)
+        self._idle.extend(self._members)
 
-    async def invoke(self, line: bytes, timeout: float | None = None) -> bytes:
-        """One activation on the process idle the longest (FIFO between callers)."""
-        member = await self._idle.get()
-        try:
-            return await member.invoke(line, timeout)
-        finally:
-            self._idle.put_nowait(member)
+    def submit(self, line: bytes, timeout: float | None, done: Done) -> None:
+        """Hand the activation to an idle process, or queue it (FIFO between callers)."""
+        if self._idle:
+            member = self._idle.popleft()
+            member.submit(line, timeout, functools.partial(self._answered, member, done))
+        else:
+            self._queue.append((line, timeout, done))
+
+    def _answered(self, member: Shared, done: Done, outcome: bytes | ActionLoopError) -> None:
+        if self._queue:
+            line, timeout, waiting = self._queue.popleft()
+            member.submit(line, timeout, functools.partial(self._answered, member, waiting))
+        else:
+            self._idle.append(member)
+        done(outcome)
 
     async def close(self) -> None:
         await asyncio.gather(*(m.close() for m in self._members))

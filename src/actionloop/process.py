@@ -24,11 +24,14 @@ import functools
 import os
 import signal
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from . import protocol
-from .errors import ActionExited, ActionTimeout, BadResult, StartError
+from .errors import ActionExited, ActionLoopError, ActionTimeout, BadResult, StartError
+
+# Told the outcome of one activation: the result line, or why there is none.
+Done = Callable[[bytes | ActionLoopError], None]
 
 ABRUPT_EXIT = "Command exited abruptly during initialization."
 # Without an ack, a process still alive after this long counts as started.
@@ -95,7 +98,12 @@ def spawn(exec_path: Path, env: Mapping[str, str]) -> tuple[subprocess.Popen[byt
 
 
 class LineReader(asyncio.Protocol):
-    """Lines from the result pipe (fd 3), with no stream layers in between."""
+    """Lines from the result pipe (fd 3), with no stream layers in between.
+
+    Until `listen` is called lines queue up for `readline` (the start-up ack);
+    after it each line goes straight to a callback, and so does the end of
+    the pipe or a line over the limit.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -105,21 +113,40 @@ class LineReader(asyncio.Protocol):
         self.overflow = False
         self.waiter: asyncio.Future[None] | None = None
         self.transport: asyncio.BaseTransport | None = None
+        self.on_line: Callable[[bytes], None] | None = None
+        self.on_end: Callable[[], None] | None = None
+
+    def listen(self, on_line: Callable[[bytes], None], on_end: Callable[[], None]) -> None:
+        """From now on, lines go to `on_line`; the end or an overflow to `on_end`."""
+        self.lines.clear()  # nobody asked for them: they belong to no activation
+        self.on_line, self.on_end = on_line, on_end
+        if self.eof or self.overflow:
+            on_end()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        if b"\n" in data:
+        if not self.buffer and data.endswith(b"\n") and data.count(b"\n") == 1:
+            lines = [data]  # the usual case: exactly one whole line
+        elif b"\n" in data:
             self.buffer += data
-            *lines, rest = self.buffer.split(b"\n")
-            self.lines.extend(line + b"\n" for line in lines)
+            *parts, rest = self.buffer.split(b"\n")
+            lines = [part + b"\n" for part in parts]
             self.buffer = bytearray(rest)
         else:
+            lines = []
             self.buffer += data
-        if len(self.buffer) > self.limit:
+        if self.on_line is None:
+            self.lines.extend(lines)
+        else:
+            for line in lines:
+                self.on_line(line)
+        if len(self.buffer) > self.limit and not self.overflow:
             self.overflow = True
-        self._wake()
+            self._end()
+        elif self.on_line is None:
+            self._wake()
 
     def eof_received(self) -> bool:
         self.feed_eof()
@@ -129,8 +156,15 @@ class LineReader(asyncio.Protocol):
         self.feed_eof()
 
     def feed_eof(self) -> None:
-        self.eof = True
-        self._wake()
+        if not self.eof:
+            self.eof = True
+            self._end()
+
+    def _end(self) -> None:
+        if self.on_end is not None:
+            self.on_end()
+        else:
+            self._wake()
 
     def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -162,6 +196,10 @@ class ActionProcess:
         self._results = LineReader(max_result)
         self._stdin = -1
         self._timed_out = False
+        self._timeout: float | None = None
+        self._done: Done | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._unwritten: memoryview | None = None
 
     def _become(self, state: State) -> None:
         if state not in TRANSITIONS[self.state]:
@@ -195,6 +233,7 @@ class ActionProcess:
             await self.stop(0)
             raise
         self._become(State.READY)
+        self._results.listen(self._on_line, self._on_end)
 
     def _watch_exit(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self._child is not None
@@ -232,79 +271,93 @@ class ActionProcess:
             return
         raise StartError(ABRUPT_EXIT)
 
-    async def invoke(self, line: bytes, timeout: float | None = None) -> bytes:
-        """Send one activation line, return its result (JSON object or array).
+    def submit(self, line: bytes, timeout: float | None, done: Done) -> None:
+        """Send one activation line; `done` gets its result (JSON object or
+        array) or the ActionLoopError that ended it, exactly once.
 
         The end-of-activation sentinel goes to stdout and stderr after every
         activation, answered or not (SPEC.md part A; the reference does too).
+        Nothing here waits: the result arrives through the fd 3 reader.
         """
         if self.state is not State.READY:
-            raise ActionExited()
+            done(ActionExited())
+            return
         self._become(State.BUSY)
-        # A timer, not wait_for: no task per activation on the hot path.
-        timer = asyncio.get_running_loop().call_later(timeout, self._expire) if timeout else None
+        self._done = done
+        self._timeout = timeout
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(timeout, self._expire) if timeout else None
+        self._unwritten = memoryview(line)
+        self._write()
+        if self._unwritten and self._done is not None:
+            loop.add_writer(self._stdin, self._write)
+
+    async def invoke(self, line: bytes, timeout: float | None = None) -> bytes:
+        """`submit`, awaited: the result, or the error raised."""
+        return await settled(functools.partial(self.submit, line, timeout))
+
+    def _write(self) -> None:
+        """As much of the activation line as the stdin pipe takes now."""
         try:
-            result = await self._exchange(line)
-        except ActionExited as exc:
-            if self._timed_out:
-                raise ActionTimeout(f"the action did not answer within {timeout:g}s") from exc
-            raise
-        except asyncio.CancelledError:
-            # Its result may still come: nobody must read it as theirs.
-            self._signal(signal.SIGKILL)
+            written = os.write(self._stdin, self._unwritten)
+        except BlockingIOError:
+            return
+        except OSError:  # EPIPE and friends: the process is gone
+            self._stop_writing()
             self._become(State.DEAD)
-            raise
-        finally:
-            if timer is not None:
-                timer.cancel()
-            write_sentinels()
+            self._finish(ActionExited())
+            return
+        self._unwritten = self._unwritten[written:]
+        if not self._unwritten:
+            self._stop_writing()
+
+    def _stop_writing(self) -> None:
+        if self._unwritten is not None and self._stdin >= 0:
+            asyncio.get_running_loop().remove_writer(self._stdin)
+        self._unwritten = None
+
+    def _on_line(self, line: bytes) -> None:
+        if self._done is None:
+            return  # a line no activation asked for: nobody must read it as theirs
         if self.state is State.BUSY:  # it may have exited just after answering
             self._become(State.READY)
         try:
-            return protocol.check_result(result)
-        except protocol.JSON_ERRORS as exc:
-            raise BadResult() from exc
+            outcome: bytes | ActionLoopError = protocol.check_result(line)
+        except protocol.JSON_ERRORS:
+            outcome = BadResult()
+        self._finish(outcome)
+
+    def _on_end(self) -> None:
+        """fd 3 closed (the process is gone, even if not yet reaped) or overflowed."""
+        if self._results.overflow and not self._results.eof:
+            # An over-long result leaves the pipe mid-line: this process is done.
+            self._signal(signal.SIGKILL)
+            error: ActionLoopError = BadResult()
+        elif self._timed_out:
+            error = ActionTimeout(f"the action did not answer within {self._timeout:g}s")
+        else:
+            error = ActionExited()
+        if self.alive:
+            self._become(State.DEAD)
+        if self._done is not None:
+            self._finish(error)
+
+    def _finish(self, outcome: bytes | ActionLoopError) -> None:
+        done, self._done = self._done, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._stop_writing()
+        write_sentinels()
+        assert done is not None
+        done(outcome)
 
     def _expire(self) -> None:
         """The activation took too long: kill the process; its pipe closing ends the wait."""
+        self._timer = None
         self._timed_out = True
         self._signal(signal.SIGKILL)
         self._results.feed_eof()
-
-    async def _exchange(self, line: bytes) -> bytes:
-        try:
-            await self._write(line)
-            result = await self._results.readline()
-        except OSError as exc:  # EPIPE and friends: the process is gone
-            self._become(State.DEAD)
-            raise ActionExited() from exc
-        except ValueError as exc:
-            # An over-long result leaves the pipe mid-line: this process is done.
-            await self.kill()
-            raise BadResult() from exc
-        if not result.endswith(b"\n"):
-            # fd 3 closed: the process is gone even if not yet reaped.
-            self._become(State.DEAD)
-            raise ActionExited()
-        return result
-
-    async def _write(self, data: bytes) -> None:
-        """All of `data` to the action's stdin; waits only when the pipe is full."""
-        view = memoryview(data)
-        while True:
-            try:
-                view = view[os.write(self._stdin, view) :]
-            except BlockingIOError:
-                pass
-            if not view:
-                return
-            loop = asyncio.get_running_loop()
-            writable = loop.create_future()
-            loop.add_writer(self._stdin, writable.set_result, None)
-            try:
-                await writable
-            finally:
-                loop.remove_writer(self._stdin)
 
     async def kill(self) -> None:
         """Kill the process group now and wait for the process to be reaped."""
@@ -334,6 +387,7 @@ class ActionProcess:
             # Also reaches grandchildren left behind by a process that exited.
             self._signal(signal.SIGKILL)
             await self._exited
+        self._stop_writing()
         if self._stdin >= 0:
             os.close(self._stdin)
             self._stdin = -1
@@ -349,3 +403,22 @@ def write_sentinels() -> None:
             os.write(fd, protocol.SENTINEL)
         except OSError:
             pass
+
+
+async def settled(submit: Callable[[Done], None]) -> bytes:
+    """Await an activation handed to a `submit(done)`: the result, or raise its error.
+
+    If the waiter is cancelled the activation still runs to its end; its
+    outcome goes nowhere.
+    """
+    future: asyncio.Future[bytes | ActionLoopError] = asyncio.get_running_loop().create_future()
+
+    def done(outcome: bytes | ActionLoopError) -> None:
+        if not future.done():
+            future.set_result(outcome)
+
+    submit(done)
+    outcome = await future
+    if isinstance(outcome, ActionLoopError):
+        raise outcome
+    return outcome

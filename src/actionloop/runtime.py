@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,15 @@ from .metrics import Metrics, kind_of
 from .payloads import ALREADY_INITIALISED, InitRequest
 from .pool import Pool, Runner, Shared, Starter
 from .prepare import ACK_MARKER, EXEC_ENV, discard, prepare
-from .process import ActionProcess, write_sentinels
+from .process import ActionProcess, Done, settled, write_sentinels
 
 NO_ACTION = "no action defined yet"
 PREPARE_FAILED_LOGGED = "The action failed to generate or locate a binary. See logs for details."
 START_FAILED_LOGGED = "Cannot start action. Check logs for details."
 ENV_MISMATCH = "Execution environment version mismatch. See logs for details."
+
+# Told the bytes to send back for one WebSocket message.
+Reply = Callable[[bytes], None]
 
 
 def log(message: str) -> None:
@@ -109,7 +113,7 @@ class Runtime:
 
     def _runner(self, start: Starter) -> Runner:
         """The runner of the configured mode (connection mode: for /run only)."""
-        restarted = self.metrics.restarts.inc
+        restarted = self.metrics.restarted
         if self.config.mode == "pool":
             return Pool(start, self.config.processes, self.config.stop_grace, restarted)
         return Shared(start, self.config.stop_grace, restarted)
@@ -171,17 +175,21 @@ class Runtime:
         if self.runner is None:
             raise ActionLoopError(NO_ACTION, 500)
         async with self._run_lock:
-            return await self._invoke(self.runner, protocol.run_line(body), None)
+            line = protocol.run_line(body)
+            return await settled(functools.partial(self._submit, self.runner, line, None))
 
-    async def _invoke(self, runner: Runner, line: bytes, timeout: float | None) -> bytes:
+    def _submit(self, runner: Runner, line: bytes, timeout: float | None, done: Done) -> None:
+        """Hand an activation to `runner`, counting its latency and failures."""
         started = time.perf_counter()
-        try:
-            return await runner.invoke(line, timeout)
-        except ActionLoopError as exc:
-            self.metrics.errors.labels(kind_of(exc)).inc()
-            raise
-        finally:
-            self.metrics.latency.observe(time.perf_counter() - started)
+        metrics = self.metrics
+
+        def answered(outcome: bytes | ActionLoopError) -> None:
+            metrics.observe(time.perf_counter() - started)
+            if isinstance(outcome, ActionLoopError):
+                metrics.error(kind_of(outcome))
+            done(outcome)
+
+        runner.submit(line, timeout, answered)
 
     @contextlib.asynccontextmanager
     async def session(self, connection: str) -> AsyncIterator[Session]:
@@ -197,7 +205,7 @@ class Runtime:
             raise ActionLoopError("Too many connections with their own action process; try again later.", 503)
         self._own_processes += 1
         try:
-            runner = Shared(self._start, self.config.stop_grace, self.metrics.restarts.inc)
+            runner = Shared(self._start, self.config.stop_grace, self.metrics.restarted)
             await runner.open()
             try:
                 yield Session(self, connection, runner)
@@ -206,17 +214,19 @@ class Runtime:
         finally:
             self._own_processes -= 1
 
-    async def message(self, data: str | bytes, connection: str, runner: Runner | None = None) -> bytes:
-        """One WebSocket message: the reply to send, a result or an error."""
+    def message(self, data: str | bytes, connection: str, runner: Runner | None, reply: Reply) -> None:
+        """One WebSocket message; `reply` gets what to send back, a result or an error."""
         try:
             value = protocol.loads(data)
         except protocol.JSON_ERRORS as exc:
-            self.metrics.errors.labels("bad_json").inc()
-            return protocol.error(f"The message is not valid JSON: {exc}")
+            self.metrics.error("bad_json")
+            reply(protocol.error(f"The message is not valid JSON: {exc}"))
+            return
         runner = runner or self.runner
         if runner is None:
-            self.metrics.errors.labels("no_action").inc()
-            return protocol.error(NO_ACTION)
+            self.metrics.error("no_action")
+            reply(protocol.error(NO_ACTION))
+            return
         timeout = self.config.message_timeout or None
         meta = {"activation_id": next(self._activation_ids), "connection_id": connection}
         if timeout:
@@ -225,12 +235,14 @@ class Runtime:
         try:
             line = protocol.run_line(protocol.message_body(value, meta))
         except protocol.JSON_ERRORS as exc:
-            self.metrics.errors.labels("bad_json").inc()
-            return protocol.error(f"The message cannot be passed on as JSON: {exc}")
-        try:
-            return await self._invoke(runner, line, timeout)
-        except ActionLoopError as exc:
-            return protocol.error(exc.message)
+            self.metrics.error("bad_json")
+            reply(protocol.error(f"The message cannot be passed on as JSON: {exc}"))
+            return
+
+        def answered(outcome: bytes | ActionLoopError) -> None:
+            reply(protocol.error(outcome.message) if isinstance(outcome, ActionLoopError) else outcome)
+
+        self._submit(runner, line, timeout, answered)
 
     async def autoinit(self, path: str, main: str) -> None:
         """Initialise from a file as if it came to /init (SPEC.md part B)."""
@@ -256,5 +268,5 @@ class Session:
         self.connection = connection
         self.runner = runner
 
-    async def message(self, data: str | bytes) -> bytes:
-        return await self.runtime.message(data, self.connection, self.runner)
+    def message(self, data: str | bytes, reply: Reply) -> None:
+        self.runtime.message(data, self.connection, self.runner, reply)

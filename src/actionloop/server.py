@@ -65,7 +65,7 @@ async def handle_websocket(request: web.Request) -> web.StreamResponse:
 
 
 async def close_sockets(app: web.Application) -> None:
-    await websocket.drain(app[SOCKETS])
+    websocket.drain(app[SOCKETS])
 
 
 async def handle_metrics(request: web.Request) -> web.Response:

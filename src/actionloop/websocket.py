@@ -14,13 +14,26 @@ reads its replies stalls only its own conversation, the same way.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import itertools
+import logging
 import sys
 import time
 from typing import Any
 
-from aiohttp import WSCloseCode, web
+from aiohttp import web
+from picows import (
+    WSAutoPingStrategy,
+    WSCloseCode,
+    WSFrame,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+)
+from picows.picows import WSProtocol
 from yarl import URL
 
 from . import protocol
@@ -31,6 +44,13 @@ from .runtime import Runtime, Session
 SUBPROTOCOL = "actionloop"
 TOKEN_SUBPROTOCOL = "bearer."
 GOING_AWAY = b"server shutting down"
+# Bytes of messages taken off a socket while one is being answered, at most.
+READ_AHEAD = 64 * 1024
+# After our close frame, how long the client has to answer it.
+CLOSE_WAIT = 5.0
+READ_BUFFER = 2048
+# An adapter, so picows does not make a logger for every connection.
+LOGGER = logging.LoggerAdapter(logging.getLogger("actionloop.websocket"))
 _ids = itertools.count(1)
 
 
@@ -38,8 +58,8 @@ class Sockets:
     """The open WebSockets, and which have work in hand (for a graceful drain)."""
 
     def __init__(self) -> None:
-        self.open: set[web.WebSocketResponse] = set()
-        self.busy: set[web.WebSocketResponse] = set()
+        self.open: set[Conversation] = set()
+        self.busy: set[Conversation] = set()
         self.draining = False
 
 
@@ -108,112 +128,260 @@ def log_event(event: str, **fields: Any) -> None:
 
 
 async def handle(request: web.Request, runtime: Runtime, sockets: Sockets) -> web.StreamResponse:
+    """Check the handshake in aiohttp, then give the connection to picows."""
     config = runtime.config
     refused = refusal(request, config, sockets)
     if refused is not None:
         status, message, kind = refused
-        runtime.metrics.errors.labels(kind).inc()
+        runtime.metrics.error(kind)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return web.Response(
             body=protocol.error(message), status=status, content_type="application/json", headers=headers
         )
+    ready = web.WebSocketResponse(protocols=(SUBPROTOCOL,)).can_prepare(request)
+    if not ready.ok:
+        return web.Response(
+            body=protocol.error("This path takes WebSocket connections only."), status=400, content_type="application/json"
+        )
     connection = f"ws-{next(_ids)}"
     try:
         async with runtime.session(connection) as session:
-            return await converse(request, session, sockets)
+            conversation = Conversation(session, sockets, request.remote, request.path)
+            hand_over(request, conversation, ready.protocol)
+            await conversation.ended
     except ActionLoopError as exc:  # connection mode: no process for this client
-        runtime.metrics.errors.labels("too_many_processes" if exc.status == 503 else "start_failed").inc()
+        runtime.metrics.error("too_many_processes" if exc.status == 503 else "start_failed")
         return web.Response(body=protocol.error(exc.message), status=exc.status, content_type="application/json")
+    # picows owned the connection and has closed it: aiohttp lets it go
+    # without writing anything more (its write fails on the closed transport).
+    request.protocol.connection_lost(None)
+    return web.Response()
 
 
-async def converse(request: web.Request, session: Session, sockets: Sockets) -> web.WebSocketResponse:
-    """Continuous mode: each message invokes the action, the reply comes back."""
-    runtime = session.runtime
-    config = runtime.config
-    metrics = runtime.metrics
-    ws = web.WebSocketResponse(
-        max_msg_size=config.max_message, heartbeat=config.ping_interval or None, protocols=(SUBPROTOCOL,)
+def hand_over(request: web.Request, conversation: Conversation, subprotocol: str | None) -> None:
+    """Move the connection from aiohttp to picows, which frames it from now on.
+
+    aiohttp has parsed and checked the upgrade request; picows is given the
+    same request bytes and answers 101 itself. Client frames only follow the
+    101, so nothing can be in aiohttp's buffers yet.
+    """
+    config = conversation.runtime.config
+    headers = (("Sec-WebSocket-Protocol", subprotocol),) if subprotocol else None
+    response = WSUpgradeResponse.create_101_response(extra_headers=headers)
+    ping = config.ping_interval
+    ws = WSProtocol(
+        None,  # host and port: a client's
+        None,  # path: a client's
+        False,  # client side
+        lambda _request: WSUpgradeResponseWithListener(response, conversation),
+        LOGGER,
+        True,  # disconnect on exception
+        None,  # handshake timeout: aiohttp's already ran
+        bool(ping),
+        ping or 20,  # ping after this long without data from the client
+        (ping or 20) / 2,  # and disconnect if no pong comes in this long
+        WSAutoPingStrategy.PING_WHEN_IDLE,
+        True,  # answer pings
+        config.max_message,
+        None,  # extra headers
+        READ_BUFFER,
     )
-    await ws.prepare(request)
-    sockets.open.add(ws)
-    metrics.connections.inc()
-    metrics.opened.inc()
-    opened = time.monotonic()
-    log_event("websocket_open", connection=session.connection, remote=request.remote, path=request.path)
-    idle = IdleTimer(ws, config.idle_timeout)
-    try:
-        async for msg in ws:  # ends on CLOSE, or ERROR (oversized: closed with 1009)
-            sockets.busy.add(ws)
-            idle.busy = True
-            metrics.received.inc()
-            metrics.in_flight.inc()
-            try:
-                await reply_to(ws, msg, session)
-            finally:
-                metrics.in_flight.dec()
-                sockets.busy.discard(ws)
-                idle.touch()
-            if sockets.draining:
-                # The in-flight reply is out; now say goodbye (SPEC.md part C).
-                await ws.close(code=WSCloseCode.GOING_AWAY, message=GOING_AWAY)
-    finally:
-        idle.cancel()
-        sockets.open.discard(ws)
-        metrics.connections.dec()
-        log_event(
-            "websocket_close",
-            connection=session.connection,
-            code=ws.close_code,
-            seconds=round(time.monotonic() - opened, 3),
-        )
-    return ws
+    transport = request.transport
+    assert transport is not None
+    head = [f"GET {request.raw_path} HTTP/1.1\r\n".encode()]
+    head += [name + b": " + value + b"\r\n" for name, value in request.raw_headers]
+    data = b"".join(head) + b"\r\n"
+    transport.set_protocol(ws)
+    ws.connection_made(transport)
+    buffer = ws.get_buffer(len(data))
+    buffer[: len(data)] = data
+    ws.buffer_updated(len(data))
 
 
-class IdleTimer:
-    """Closes a connection after `timeout` s with no message (1000, "idle timeout").
+class Conversation(WSListener):
+    """Continuous mode on one connection: each message invokes the action and
+    its reply goes back, one message at a time, in order (SPEC.md part B).
 
-    Messages only record the time; the timer re-arms itself when it fires
-    early, so the hot path pays one assignment, not a timer per message.
+    Everything here is a callback from picows or the runtime: no task per
+    message. Messages that arrive while one is being answered wait in
+    `pending`; past READ_AHEAD bytes of them, or while the client is not
+    reading its replies, the socket is not read, so TCP holds the client back.
     """
 
-    def __init__(self, ws: web.WebSocketResponse, timeout: float) -> None:
-        self.ws = ws
-        self.timeout = timeout
+    def __init__(self, session: Session, sockets: Sockets, remote: str | None, path: str) -> None:
+        self.session = session
+        self.path = path
+        self.runtime = session.runtime
+        self.metrics = session.runtime.metrics
+        self.sockets = sockets
+        self.remote = remote
         self.loop = asyncio.get_running_loop()
-        self.last = self.loop.time()
-        self.busy = False  # waiting on a slow reply is not idleness
-        self.handle = self.loop.call_later(timeout, self._fire) if timeout else None
-
-    def touch(self) -> None:
-        self.last = self.loop.time()
+        self.ended: asyncio.Future[None] = self.loop.create_future()
+        self.transport: WSTransport | None = None
+        self.pending: collections.deque[tuple[WSMsgType, bytes]] = collections.deque()
+        self.pending_bytes = 0
+        self.parts: list[bytes] = []  # a fragmented message so far
+        self.parts_type = WSMsgType.TEXT
+        self.parts_bytes = 0
         self.busy = False
+        self.reply_type = WSMsgType.TEXT
+        self.pumping = False
+        self.writing_paused = False
+        self.reading_paused = False
+        self.closing = False
+        self.close_code: int | None = None
+        self.opened = time.monotonic()
+        self.last = self.loop.time()
+        self.idle: asyncio.TimerHandle | None = None
 
-    def _fire(self) -> None:
-        remaining = self.timeout if self.busy else self.last + self.timeout - self.loop.time()
-        if remaining > 0:
-            self.handle = self.loop.call_later(remaining, self._fire)
+    # ------------------------------------------------------------ picows side
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        self.sockets.open.add(self)
+        self.metrics.connections += 1
+        self.metrics.opened += 1
+        timeout = self.runtime.config.idle_timeout
+        if timeout:
+            self.idle = self.loop.call_later(timeout, self._idle_check)
+        log_event(
+            "websocket_open", connection=self.session.connection, remote=self.remote, path=self.path
+        )
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+            if frame.fin and not self.parts:
+                self._take(kind, frame.get_payload_as_bytes())
+            else:
+                self.parts_type = kind
+                self._add_part(frame)
+        elif kind is WSMsgType.CONTINUATION:
+            self._add_part(frame)
+        elif kind is WSMsgType.CLOSE:
+            if self.close_code is None:
+                self.close_code = frame.get_close_code().value
+            if not transport.is_close_frame_sent:
+                transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+        self.sockets.open.discard(self)
+        self.sockets.busy.discard(self)
+        self.metrics.connections -= 1
+        self.pending.clear()
+        log_event(
+            "websocket_close",
+            connection=self.session.connection,
+            code=self.close_code,
+            seconds=round(time.monotonic() - self.opened, 3),
+        )
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._flow()
+
+    def _add_part(self, frame: WSFrame) -> None:
+        self.parts.append(frame.get_payload_as_bytes())
+        self.parts_bytes += frame.payload_size
+        if self.parts_bytes > self.runtime.config.max_message:
+            self.parts.clear()
+            self.close(WSCloseCode.MESSAGE_TOO_BIG, b"message too big")
+        elif frame.fin:
+            data = b"".join(self.parts)
+            self.parts.clear()
+            self.parts_bytes = 0
+            self._take(self.parts_type, data)
+
+    def _flow(self) -> None:
+        """Read from the client only while it reads its replies and little is waiting."""
+        assert self.transport is not None
+        pause = self.writing_paused or self.pending_bytes > READ_AHEAD
+        if pause != self.reading_paused and not self.transport.is_disconnected:
+            self.reading_paused = pause
+            socket = self.transport.underlying_transport
+            socket.pause_reading() if pause else socket.resume_reading()
+
+    # ----------------------------------------------------------- the messages
+
+    def _take(self, kind: WSMsgType, data: bytes) -> None:
+        if self.closing:
+            return
+        self.metrics.received += 1
+        self.pending.append((kind, data))
+        self.pending_bytes += len(data)
+        if self.pending_bytes > READ_AHEAD:
+            self._flow()
+        self._pump()
+
+    def _pump(self) -> None:
+        if self.pumping:
+            return  # a reply came back at once: the loop below goes on
+        self.pumping = True
+        try:
+            while self.pending and not self.busy and not self.closing:
+                kind, data = self.pending.popleft()
+                self.pending_bytes -= len(data)
+                self.busy = True
+                self.reply_type = kind  # the reply goes in the frame type of the message
+                self.sockets.busy.add(self)
+                self.metrics.in_flight += 1
+                self.session.message(data, self._reply)
+        finally:
+            self.pumping = False
+        if self.reading_paused:
+            self._flow()
+
+    def _reply(self, data: bytes) -> None:
+        self.metrics.in_flight -= 1
+        self.busy = False
+        self.sockets.busy.discard(self)
+        self.last = self.loop.time()
+        transport = self.transport
+        assert transport is not None
+        if transport.is_disconnected or transport.is_close_frame_sent:
+            return  # the client vanished before its reply; nobody else is affected
+        transport.send(self.reply_type, data)
+        self.metrics.sent += 1
+        if self.sockets.draining:
+            # The in-flight reply is out; now say goodbye (SPEC.md part C).
+            self.close(WSCloseCode.GOING_AWAY, GOING_AWAY)
         else:
-            self.handle = None
-            self.task = asyncio.ensure_future(self.ws.close(code=WSCloseCode.OK, message=b"idle timeout"))
+            self._pump()
 
-    def cancel(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
+    # ------------------------------------------------------------ the closing
+
+    def close(self, code: WSCloseCode, reason: bytes) -> None:
+        """Send a close frame; the client's answer, or CLOSE_WAIT, ends the connection."""
+        transport = self.transport
+        if transport is None or self.closing or transport.is_disconnected:
+            return
+        self.closing = True
+        self.close_code = code.value
+        transport.send_close(code, reason)
+        self.loop.call_later(CLOSE_WAIT, transport.disconnect)
+
+    def _idle_check(self) -> None:
+        """Close after `idle_timeout` s with no message; waiting on a slow reply is not idleness."""
+        timeout = self.runtime.config.idle_timeout
+        remaining = timeout if self.busy else self.last + timeout - self.loop.time()
+        if remaining > 0:
+            self.idle = self.loop.call_later(remaining, self._idle_check)
+        else:
+            self.idle = None
+            self.close(WSCloseCode.OK, b"idle timeout")
 
 
-async def reply_to(ws: web.WebSocketResponse, msg: Any, session: Session) -> None:
-    # The reply is UTF-8 JSON bytes already: sent as is, in the frame type of
-    # the message (a binary frame of UTF-8 JSON is served alike).
-    reply = await session.message(msg.data)
-    try:
-        await ws.send_frame(reply, msg.type)
-    except ConnectionError:
-        return  # the client vanished before its reply; nobody else is affected
-    session.runtime.metrics.sent.inc()
-
-
-async def drain(sockets: Sockets) -> None:
+def drain(sockets: Sockets) -> None:
     """On shutdown, idle WebSockets hear 1001 (going away) now; busy ones after their replies."""
     sockets.draining = True
-    idle = sockets.open - sockets.busy
-    await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=GOING_AWAY) for ws in idle))
+    for conversation in list(sockets.open - sockets.busy):
+        conversation.close(WSCloseCode.GOING_AWAY, GOING_AWAY)
