@@ -108,3 +108,20 @@ def test_virtualenv_site_packages_come_first(tmp_path: Path) -> None:
     )
     _, results, _, _ = launch(prepare(src, tmp_path / "bin", "main"), [{"value": {}}])
     assert results[1] == {"where": "venv"}
+
+
+def test_per_activation_keys_do_not_grow_the_process(tmp_path: Path) -> None:
+    """Unique ids on every line reach os.environ without growing the C environment's store."""
+    source = (
+        "import os\n"
+        "def main(args):\n"
+        "    rss = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
+        "    return {'rss': rss, 'id': os.environ['__OW_ACTIVATION_ID'], 'deadline': os.getenv('__OW_DEADLINE')}\n"
+    )
+    lines = [{"value": {}, "activation_id": f"{n:032x}", "deadline": str(10**12 + n)} for n in range(100_000)]
+    code, results, _, _ = launch(make_action(tmp_path, source), lines)
+    assert code == 0 and len(results) == len(lines) + 1
+    assert results[-1]["id"] == f"{len(lines) - 1:032x}" and results[-1]["deadline"] == str(10**12 + len(lines) - 1)
+    # Each unique string kept by setenv would cost about 100 bytes: 20 MB here.
+    grown = results[-1]["rss"] - results[1000]["rss"]
+    assert grown < 4 * 1024 * 1024, grown

@@ -25,6 +25,14 @@ from typing import Any, BinaryIO
 
 Entry = Callable[[Any], Any]
 
+# Keys whose value is new for (nearly) every activation. glibc's setenv keeps
+# every distinct string it is ever given, so handing these to the C
+# environment would grow a long-lived process by about 100 bytes a message.
+# They go into os.environ's mapping only: os.environ and os.getenv see them,
+# a subprocess started without env= does not. Other keys (api host, key,
+# namespace...) reach the C environment too, and only when they change.
+PER_ACTIVATION = frozenset(("__OW_ACTIVATION_ID", "__OW_DEADLINE", "__OW_TRANSACTION_ID", "__OW_CONNECTION_ID"))
+
 
 def activate_virtualenv(folder: str) -> None:
     """Put a bundled `virtualenv/` first on the import path, if there is one."""
@@ -59,6 +67,10 @@ def load(folder: str, name: str) -> Entry:
     return entry
 
 
+# Made once: json.dumps with options builds a new encoder on every call.
+ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+
+
 def env_text(value: Any) -> str:
     """Activation keys become environment strings (non-strings as JSON)."""
     return value if isinstance(value, str) else json.dumps(value)
@@ -67,18 +79,28 @@ def env_text(value: Any) -> str:
 def encode(result: Any) -> bytes:
     """The result line; a value JSON cannot hold becomes an error result."""
     try:
-        text = json.dumps(result, ensure_ascii=False, allow_nan=False)
+        text = ENCODER.encode(result)
     except (TypeError, ValueError) as exc:
         text = json.dumps({"error": f"The action returned a value that is not JSON: {exc}"})
     return text.encode("utf-8", errors="surrogateescape") + b"\n"
 
 
+def set_env(key: str, value: str, environ: Any = os.environ) -> None:
+    """os.environ[key] = value, without feeding setenv a new string every activation."""
+    if environ.get(key) == value:
+        return
+    if key in PER_ACTIVATION:
+        environ._data[environ.encodekey(key)] = environ.encodevalue(value)  # noqa: SLF001 - see PER_ACTIVATION
+    else:
+        environ[key] = value
+
+
 def activate(entry: Entry, line: bytes) -> bytes:
     """Run one activation line through the entry point; return the result line."""
-    request = json.loads(line)
+    request = json.loads(line.decode("utf-8", errors="surrogateescape"))
     args = request.pop("value", {})
     for key, value in request.items():
-        os.environ["__OW_" + key.upper()] = env_text(value)
+        set_env("__OW_" + key.upper(), value if isinstance(value, str) else env_text(value))
     try:
         result = entry(args)
     except Exception as exc:  # noqa: BLE001 - any action error becomes a result
@@ -87,27 +109,26 @@ def activate(entry: Entry, line: bytes) -> bytes:
     return encode(result)
 
 
-def serve(entry: Entry, requests: BinaryIO, results: BinaryIO) -> None:
-    """Answer every stdin line with one result line, until stdin closes."""
-    for line in iter(requests.readline, b""):
+def serve(entry: Entry, requests: BinaryIO, results: int) -> None:
+    """Answer every stdin line with one result line (fd `results`), until stdin closes."""
+    stdout, stderr, write = sys.stdout, sys.stderr, os.write
+    for line in requests:
         result = activate(entry, line)
         # Logs first, then the result: the server writes the end-of-activation
         # sentinel as soon as it reads the result.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        results.write(result)
-        results.flush()
+        stdout.flush()
+        stderr.flush()
+        while result:
+            result = result[write(results, result) :]
 
 
 def main(name: str = "main") -> None:
     """Entry of the `exec` stub that prepare writes into the action folder."""
     folder = os.path.dirname(os.path.abspath(sys.argv[0]))
-    results = os.fdopen(3, "wb")
     activate_virtualenv(folder)
     entry = load(folder, name)
     # Acknowledge only after the import, so import errors fail /init.
     sys.stdout.flush()
     sys.stderr.flush()
-    results.write(b'{"ok": true}\n')
-    results.flush()
-    serve(entry, sys.stdin.buffer, results)
+    os.write(3, b'{"ok": true}\n')
+    serve(entry, sys.stdin.buffer, 3)
