@@ -321,3 +321,23 @@ def test_run_stays_one_at_a_time_in_pool_mode(start_server: Any, tmp_path: Path)
     concurrently(2, call)
     first, second = sorted(results.values(), key=lambda r: r["start"])
     assert second["start"] >= first["end"], "two /run activations overlapped"
+
+
+def test_connection_process_that_cannot_start(start_server: Any, tmp_path: Path) -> None:
+    """Connection mode: if the connection's own process cannot start, it is closed with 1011 and the reason."""
+    marker = tmp_path / "started-once"
+    source = (
+        "import pathlib\n"
+        f"marker = pathlib.Path({str(marker)!r})\n"
+        "if marker.exists():\n    raise RuntimeError('only one start allowed')\n"
+        "marker.touch()\n"
+        "def main(args):\n    return args\n"
+    )
+    server = serve(start_server, tmp_path, source, OW_PROCESS_MODE="connection")
+    with connect(server.ws_url("/ws"), open_timeout=TIMEOUT) as ws, pytest.raises(ConnectionClosed) as caught:
+        ws.send("{}")
+        ws.recv(timeout=TIMEOUT)
+    assert caught.value.rcvd is not None and caught.value.rcvd.code == 1011
+    assert "exited abruptly during initialization" in caught.value.rcvd.reason
+    assert metrics(server)[("actionloop_errors_total", (("kind", "start_failed"),))] == 1
+    assert metrics(server)[("actionloop_websocket_connections", ())] == 0

@@ -365,3 +365,31 @@ def test_client_vanishing_mid_message(start_server: Any, tmp_path: Path) -> None
     with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as fresh:
         assert ask(fresh, {}) == {"ok": 1}
     assert server.process.poll() is None
+
+
+def test_upgrade_on_a_connection_used_for_http_before(start_server: Any) -> None:
+    """A proxy may reuse a kept-alive connection for an upgrade: it is served like a fresh one."""
+    server = ws_server(start_server, EXAMPLES / "hello.py")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        assert response.status == 200 and json.loads(response.read())["live"] is True
+        with connect(server.ws_url("/hello"), sock=sock, open_timeout=TIMEOUT) as ws:
+            assert ask(ws, {"name": "again"}) == {"greeting": "Hello, again!"}
+            assert ask(ws, {"name": "twice"}) == {"greeting": "Hello, twice!"}
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_plain_get_of_the_websocket_path(start_server: Any, first: bool) -> None:
+    """A GET of the WebSocket path that is not an upgrade gets 400 and a JSON reason."""
+    server = ws_server(start_server, EXAMPLES / "hello.py")
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=TIMEOUT)
+    if not first:  # the same on a connection aiohttp has served before
+        connection.request("GET", "/healthz")
+        assert connection.getresponse().read()
+    connection.request("GET", "/hello")
+    response = connection.getresponse()
+    assert response.status == 400
+    assert "WebSocket" in json.loads(response.read())["error"]
+    connection.close()

@@ -18,11 +18,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import __version__, archive, server
+from . import __version__, archive
 from .config import Config, add_flags, flag_values, from_env
 from .errors import ActionLoopError
+from .listener import Front, listen
 from .prepare import prepare
 from .runtime import Runtime, log
+from .websocket import Sockets, drain
 
 
 def entry_parser() -> argparse.ArgumentParser:
@@ -174,15 +176,17 @@ async def serve(config: Config, announce: bool) -> int:
             # Loud, so Kubernetes shows a failing pod (SPEC.md part C).
             log(f"actionloop: auto-init from {config.autoinit} failed: {exc.message}")
             return 1
-    app = server.build_app(runtime)
+    sockets = Sockets()
+    front = Front(runtime, sockets)
     try:
-        runner = await server.start(app, config)
+        listening = await listen(front)
     except OSError as exc:
         log(f"actionloop: cannot listen on {config.host}:{config.port}: {exc.strerror}")
+        await front.close()
         await runtime.close()
         return 1
     if announce or config.websocket:
-        port = server.bound_port(runner)
+        port = listening.sockets[0].getsockname()[1]
         host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
         message = f"actionloop {__version__}: WebSocket at ws://{host}:{port}{config.websocket}"
         if config.demo:
@@ -190,7 +194,11 @@ async def serve(config: Config, announce: bool) -> int:
         (print if announce else log)(message)
         sys.stdout.flush()
     await wait_for_signal()
-    await runner.cleanup()
+    # Graceful shutdown (SPEC.md part C): no new connections; WebSockets hear
+    # 1001 once their replies are out; requests in hand finish; then stop.
+    listening.close()
+    drain(sockets)
+    await asyncio.gather(front.close(), sockets.closed(config.drain_timeout))
     await runtime.close()
     return 0
 

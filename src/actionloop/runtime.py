@@ -8,13 +8,12 @@ messages follow SPEC.md part A.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import itertools
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +72,7 @@ class Runtime:
         self._init_lock = asyncio.Lock()
         # /run keeps OpenWhisk's one activation at a time, whatever the mode.
         self._run_lock = asyncio.Lock()
-        self._own_processes = 0
+        self.own_processes = 0
         self._activation_ids = activation_ids()
 
     @property
@@ -191,28 +190,19 @@ class Runtime:
 
         runner.submit(line, timeout, answered)
 
-    @contextlib.asynccontextmanager
-    async def session(self, connection: str) -> AsyncIterator[Session]:
+    def session(self, connection: str) -> Session:
         """A WebSocket connection's view of the action (SPEC.md part C modes).
 
         In connection mode the connection gets a process of its own, started
-        now and stopped when the connection ends; StartError or a 503 says no.
+        by `Session.open` and stopped by `Session.close`; past
+        OW_MAX_PROCESSES a 503 says no at once.
         """
         if self.config.mode != "connection" or self._start is None:
-            yield Session(self, connection, None)
-            return
-        if self._own_processes >= self.config.max_processes:
+            return Session(self, connection, None)
+        if self.own_processes >= self.config.max_processes:
             raise ActionLoopError("Too many connections with their own action process; try again later.", 503)
-        self._own_processes += 1
-        try:
-            runner = Shared(self._start, self.config.stop_grace, self.metrics.restarted)
-            await runner.open()
-            try:
-                yield Session(self, connection, runner)
-            finally:
-                await runner.close()
-        finally:
-            self._own_processes -= 1
+        self.own_processes += 1
+        return Session(self, connection, Shared(self._start, self.config.stop_grace, self.metrics.restarted))
 
     def message(self, data: str | bytes, connection: str, runner: Runner | None, reply: Reply) -> None:
         """One WebSocket message; `reply` gets what to send back, a result or an error."""
@@ -261,12 +251,25 @@ class Runtime:
 
 
 class Session:
-    """One WebSocket connection: its id and, in connection mode, its runner."""
+    """One WebSocket connection: its id and, in connection mode, its own runner."""
 
     def __init__(self, runtime: Runtime, connection: str, runner: Runner | None) -> None:
         self.runtime = runtime
         self.connection = connection
         self.runner = runner
+        self._own = runner is not None
+
+    async def open(self) -> None:
+        """Start the connection's own process, if it has one; StartError says why not."""
+        if self.runner is not None:
+            await self.runner.open()
+
+    async def close(self) -> None:
+        if self._own:
+            self._own = False
+            assert self.runner is not None
+            await self.runner.close()
+            self.runtime.own_processes -= 1
 
     def message(self, data: str | bytes, reply: Reply) -> None:
         self.runtime.message(data, self.connection, self.runner, reply)

@@ -1,7 +1,9 @@
-"""HTTP /init and /run, and the WebSocket endpoint: thin translation only.
+"""HTTP: /init and /run, health, metrics, the demo page. Thin translation only.
 
 Every decision lives in the runtime; this module turns requests into runtime
 calls and runtime answers (or errors) into responses (SPEC.md parts A and B).
+The front door (listener.py) hands aiohttp every connection that does not
+open with a WebSocket upgrade.
 """
 
 from __future__ import annotations
@@ -20,10 +22,8 @@ from .runtime import Runtime
 from .websocket import Sockets
 
 RUNTIME = web.AppKey("runtime", Runtime)
-JSON = "application/json"
-
-
 SOCKETS = web.AppKey("sockets", Sockets)
+JSON = "application/json"
 
 
 def json_response(body: bytes, status: int = 200) -> web.Response:
@@ -61,11 +61,20 @@ async def handle_run(request: web.Request) -> web.Response:
 
 
 async def handle_websocket(request: web.Request) -> web.StreamResponse:
-    return await websocket.handle(request, request.app[RUNTIME], request.app[SOCKETS])
-
-
-async def close_sockets(app: web.Application) -> None:
-    websocket.drain(app[SOCKETS])
+    """An upgrade on a connection that aiohttp served before (a proxy reusing
+    it): picows takes the connection over, from the same request bytes."""
+    transport = request.transport
+    if transport is None:
+        return web.Response()
+    version = request.version
+    head = [f"{request.method} {request.raw_path} HTTP/{version.major}.{version.minor}\r\n".encode()]
+    head += [name + b": " + value + b"\r\n" for name, value in request.raw_headers]
+    ws = websocket.upgrade(transport, b"".join(head) + b"\r\n", request.app[RUNTIME], request.app[SOCKETS])
+    await ws.transport.wait_disconnected()
+    # The connection was picows' and is closed: aiohttp lets it go without
+    # writing anything more (its write fails on the closed transport).
+    request.protocol.connection_lost(None)
+    return web.Response()
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
@@ -94,11 +103,11 @@ def demo_page(config: Config) -> bytes:
     return page.replace("__WS_PATH__", html.escape(config.websocket, quote=True)).encode()
 
 
-def build_app(runtime: Runtime) -> web.Application:
+def build_app(runtime: Runtime, sockets: Sockets) -> web.Application:
     config = runtime.config
     app = web.Application(client_max_size=config.max_body)
     app[RUNTIME] = runtime
-    app[SOCKETS] = Sockets()
+    app[SOCKETS] = sockets
     app.router.add_post("/init", handle_init)
     app.router.add_post("/run", handle_run)
     app.router.add_get("/healthz", handle_live)
@@ -109,21 +118,13 @@ def build_app(runtime: Runtime) -> web.Application:
     if config.demo and config.websocket and config.websocket != "/":
         page = demo_page(config)
         app.router.add_get("/", lambda _: web.Response(body=page, content_type="text/html", charset="utf-8"))
-    app.on_shutdown.append(close_sockets)
     return app
 
 
-async def start(app: web.Application, config: Config) -> web.AppRunner:
-    """Listen; no banner and no access log, as stdout/stderr are the action's."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.drain_timeout)
+async def make_runner(runtime: Runtime, sockets: Sockets) -> web.AppRunner:
+    """The app, ready to take connections; no access log, as stdout/stderr are the action's."""
+    runner = web.AppRunner(
+        build_app(runtime, sockets), access_log=None, handle_signals=False, shutdown_timeout=runtime.config.drain_timeout
+    )
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
-    await site.start()
     return runner
-
-
-def bound_port(runner: web.AppRunner) -> Any:
-    """The port actually bound (useful with port 0)."""
-    for address in runner.addresses:
-        return address[1]
-    return None

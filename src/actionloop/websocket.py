@@ -1,14 +1,13 @@
 """The WebSocket endpoint: handshake checks, continuous mode, graceful drain.
 
-Handshake (SPEC.md parts B and C), refused before the upgrade:
-  403 another site's Origin; 401 no token / 403 wrong token (when one is set);
-  503 too many connections, too many per-connection processes, or draining.
+picows frames every WebSocket connection. The front door (listener.py) hands
+it a connection whose first request is an upgrade at OW_WEBSOCKET's path; so
+does aiohttp for the rare upgrade on a connection it has served before.
 
-Conversation: messages are answered one by one, in order. While a message is
-being answered nothing more is taken off the socket: aiohttp reads ahead at
-most 64 KiB per connection and then stops reading, so a client far ahead is
-held back by TCP instead of being buffered without bound. A client that never
-reads its replies stalls only its own conversation, the same way.
+Handshake (SPEC.md parts B and C), refused before the upgrade:
+  400 not a WebSocket handshake; 403 another site's Origin;
+  401 no token / 403 wrong token (when one is set);
+  503 too many connections, too many per-connection processes, or draining.
 """
 
 from __future__ import annotations
@@ -20,9 +19,10 @@ import itertools
 import logging
 import sys
 import time
+import urllib.parse
+from collections.abc import Mapping
 from typing import Any
 
-from aiohttp import web
 from picows import (
     WSAutoPingStrategy,
     WSCloseCode,
@@ -30,11 +30,11 @@ from picows import (
     WSListener,
     WSMsgType,
     WSTransport,
+    WSUpgradeRequest,
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
 )
 from picows.picows import WSProtocol
-from yarl import URL
 
 from . import protocol
 from .config import Config
@@ -62,6 +62,17 @@ class Sockets:
         self.busy: set[Conversation] = set()
         self.draining = False
 
+    async def closed(self, timeout: float) -> None:
+        """Wait until every connection has ended, then cut those still open."""
+        if self.open:
+            await asyncio.wait([c.ended for c in self.open], timeout=timeout)
+        for conversation in list(self.open):
+            if conversation.transport is not None:
+                conversation.transport.disconnect(graceful=False)
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
 
 def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
     """Compare the browser's Origin (not Host) with the allow-list (SPEC.md B).
@@ -72,43 +83,55 @@ def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
     if not allowed or origin is None:
         return True
     try:
-        url = URL(origin)
+        url = urllib.parse.urlsplit(origin)
+        port = url.port or DEFAULT_PORTS.get(url.scheme)
     except ValueError:
         return False
-    if not url.host:
+    if not url.hostname:
         return False
     for entry in allowed:
         if "://" in entry:
-            wanted = URL(entry)
-            if (wanted.scheme, wanted.host, wanted.port) == (url.scheme, url.host, url.port):
+            wanted = urllib.parse.urlsplit(entry)
+            wanted_port = wanted.port or DEFAULT_PORTS.get(wanted.scheme)
+            if (wanted.scheme, wanted.hostname, wanted_port) == (url.scheme, url.hostname, port):
                 return True
-        elif entry.lower() == url.host.lower():
+        elif entry.lower() == url.hostname:
             return True
     return False
 
 
-def presented_token(request: web.Request) -> str | None:
+def offered_subprotocols(headers: Mapping[str, str]) -> list[str]:
+    return [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+
+
+def presented_token(headers: Mapping[str, str], query: Mapping[str, list[str]]) -> str | None:
     """The token from `Authorization: Bearer`, `?token=`, or a `bearer.` subprotocol.
 
     Browsers cannot set headers on a WebSocket, hence the other two ways.
     """
-    authorization = request.headers.get("Authorization", "")
+    authorization = headers.get("Authorization", "")
     if authorization[:7].lower() == "bearer ":
         return authorization[7:].strip()
-    if "token" in request.query:
-        return request.query["token"]
-    for offered in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
-        if offered.strip().startswith(TOKEN_SUBPROTOCOL):
-            return offered.strip()[len(TOKEN_SUBPROTOCOL) :]
+    if "token" in query:
+        return query["token"][0]
+    for offered in offered_subprotocols(headers):
+        if offered.startswith(TOKEN_SUBPROTOCOL):
+            return offered[len(TOKEN_SUBPROTOCOL) :]
     return None
 
 
-def refusal(request: web.Request, config: Config, sockets: Sockets) -> tuple[int, str, str] | None:
+def refusal(
+    headers: Mapping[str, str], query: Mapping[str, list[str]], config: Config, sockets: Sockets
+) -> tuple[int, str, str] | None:
     """Why this handshake is refused (status, message, metric kind), or None."""
-    if not origin_allowed(request.headers.get("Origin"), config.origins):
+    if "websocket" not in headers.get("Upgrade", "").lower() or not headers.get("Sec-WebSocket-Key"):
+        return 400, "This path takes WebSocket connections only.", "bad_handshake"
+    if headers.get("Sec-WebSocket-Version") != "13":
+        return 400, "Only WebSocket version 13 is spoken here.", "bad_handshake"
+    if not origin_allowed(headers.get("Origin"), config.origins):
         return 403, "This origin may not open a WebSocket here.", "origin_refused"
     if config.token:
-        token = presented_token(request)
+        token = presented_token(headers, query)
         if token is None:
             return 401, "A token is required: Authorization: Bearer, ?token= or a bearer. subprotocol.", "unauthorized"
         if not hmac.compare_digest(token.encode(), config.token.encode()):
@@ -127,75 +150,63 @@ def log_event(event: str, **fields: Any) -> None:
     sys.stderr.flush()
 
 
-async def handle(request: web.Request, runtime: Runtime, sockets: Sockets) -> web.StreamResponse:
-    """Check the handshake in aiohttp, then give the connection to picows."""
-    config = runtime.config
-    refused = refusal(request, config, sockets)
-    if refused is not None:
-        status, message, kind = refused
+def refused(status: int, message: str, headers: dict[str, str] | None = None) -> WSUpgradeResponseWithListener:
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    response = WSUpgradeResponse.create_error_response(status, protocol.error(message), headers)
+    return WSUpgradeResponseWithListener(response, None)
+
+
+def answer_handshake(
+    request: WSUpgradeRequest, runtime: Runtime, sockets: Sockets, remote: str | None
+) -> WSUpgradeResponseWithListener:
+    """picows asks: refuse with a status, or accept with a Conversation."""
+    headers = request.headers
+    target = urllib.parse.urlsplit(request.path.decode("latin-1"))
+    why = refusal(headers, urllib.parse.parse_qs(target.query), runtime.config, sockets)
+    if why is not None:
+        status, message, kind = why
         runtime.metrics.error(kind)
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return web.Response(
-            body=protocol.error(message), status=status, content_type="application/json", headers=headers
-        )
-    ready = web.WebSocketResponse(protocols=(SUBPROTOCOL,)).can_prepare(request)
-    if not ready.ok:
-        return web.Response(
-            body=protocol.error("This path takes WebSocket connections only."), status=400, content_type="application/json"
-        )
+        return refused(status, message, {"WWW-Authenticate": "Bearer"} if status == 401 else None)
     connection = f"ws-{next(_ids)}"
     try:
-        async with runtime.session(connection) as session:
-            conversation = Conversation(session, sockets, request.remote, request.path)
-            hand_over(request, conversation, ready.protocol)
-            await conversation.ended
-    except ActionLoopError as exc:  # connection mode: no process for this client
-        runtime.metrics.error("too_many_processes" if exc.status == 503 else "start_failed")
-        return web.Response(body=protocol.error(exc.message), status=exc.status, content_type="application/json")
-    # picows owned the connection and has closed it: aiohttp lets it go
-    # without writing anything more (its write fails on the closed transport).
-    request.protocol.connection_lost(None)
-    return web.Response()
+        session = runtime.session(connection)
+    except ActionLoopError as exc:  # connection mode: too many processes already
+        runtime.metrics.error("too_many_processes")
+        return refused(exc.status, exc.message)
+    extra = {"Sec-WebSocket-Protocol": SUBPROTOCOL} if SUBPROTOCOL in offered_subprotocols(headers) else None
+    conversation = Conversation(session, sockets, remote, target.path)
+    return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(extra), conversation)
 
 
-def hand_over(request: web.Request, conversation: Conversation, subprotocol: str | None) -> None:
-    """Move the connection from aiohttp to picows, which frames it from now on.
-
-    aiohttp has parsed and checked the upgrade request; picows is given the
-    same request bytes and answers 101 itself. Client frames only follow the
-    101, so nothing can be in aiohttp's buffers yet.
-    """
-    config = conversation.runtime.config
-    headers = (("Sec-WebSocket-Protocol", subprotocol),) if subprotocol else None
-    response = WSUpgradeResponse.create_101_response(extra_headers=headers)
-    ping = config.ping_interval
+def upgrade(transport: asyncio.Transport, data: bytes, runtime: Runtime, sockets: Sockets) -> WSProtocol:
+    """Give a connection to picows, with the bytes read from it so far (the
+    upgrade request, whole). picows answers the handshake, then frames it."""
+    peer = transport.get_extra_info("peername")
+    remote = peer[0] if isinstance(peer, tuple) else None
+    ping = runtime.config.ping_interval
     ws = WSProtocol(
         None,  # host and port: a client's
         None,  # path: a client's
         False,  # client side
-        lambda _request: WSUpgradeResponseWithListener(response, conversation),
+        lambda request: answer_handshake(request, runtime, sockets, remote),
         LOGGER,
         True,  # disconnect on exception
-        None,  # handshake timeout: aiohttp's already ran
+        None,  # handshake timeout: the front door's already ran
         bool(ping),
         ping or 20,  # ping after this long without data from the client
         (ping or 20) / 2,  # and disconnect if no pong comes in this long
         WSAutoPingStrategy.PING_WHEN_IDLE,
         True,  # answer pings
-        config.max_message,
+        runtime.config.max_message,
         None,  # extra headers
         READ_BUFFER,
     )
-    transport = request.transport
-    assert transport is not None
-    head = [f"GET {request.raw_path} HTTP/1.1\r\n".encode()]
-    head += [name + b": " + value + b"\r\n" for name, value in request.raw_headers]
-    data = b"".join(head) + b"\r\n"
     transport.set_protocol(ws)
     ws.connection_made(transport)
     buffer = ws.get_buffer(len(data))
     buffer[: len(data)] = data
     ws.buffer_updated(len(data))
+    return ws
 
 
 class Conversation(WSListener):
@@ -233,6 +244,8 @@ class Conversation(WSListener):
         self.opened = time.monotonic()
         self.last = self.loop.time()
         self.idle: asyncio.TimerHandle | None = None
+        self.ready = False  # the session's own process, if it has one, is up
+        self.tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ picows side
 
@@ -247,6 +260,23 @@ class Conversation(WSListener):
         log_event(
             "websocket_open", connection=self.session.connection, remote=self.remote, path=self.path
         )
+        self._spawn(self._open())
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _open(self) -> None:
+        """Start the session (connection mode: its process); messages wait till then."""
+        try:
+            await self.session.open()
+        except ActionLoopError as exc:
+            self.metrics.error("start_failed")
+            self.close(WSCloseCode.INTERNAL_ERROR, exc.message.encode()[:120])
+            return
+        self.ready = True
+        self._pump()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
@@ -268,17 +298,24 @@ class Conversation(WSListener):
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self.idle is not None:
             self.idle.cancel()
-        self.sockets.open.discard(self)
         self.sockets.busy.discard(self)
         self.metrics.connections -= 1
         self.pending.clear()
+        self._spawn(self._end())
         log_event(
             "websocket_close",
             connection=self.session.connection,
             code=self.close_code,
             seconds=round(time.monotonic() - self.opened, 3),
         )
-        if not self.ended.done():
+
+    async def _end(self) -> None:
+        """After the last message: stop the session's own process, if any."""
+        try:
+            await asyncio.gather(*(t for t in self.tasks if t is not asyncio.current_task()))
+            await self.session.close()
+        finally:
+            self.sockets.open.discard(self)
             self.ended.set_result(None)
 
     def pause_writing(self) -> None:
@@ -327,7 +364,7 @@ class Conversation(WSListener):
             return  # a reply came back at once: the loop below goes on
         self.pumping = True
         try:
-            while self.pending and not self.busy and not self.closing:
+            while self.pending and self.ready and not self.busy and not self.closing:
                 kind, data = self.pending.popleft()
                 self.pending_bytes -= len(data)
                 self.busy = True

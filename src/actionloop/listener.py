@@ -1,0 +1,130 @@
+"""The front door: one port for HTTP and WebSocket (SPEC.md part B).
+
+It reads the head of each connection's first request. An upgrade to a
+WebSocket at OW_WEBSOCKET's path goes straight to picows (websocket.py);
+everything else goes to aiohttp (server.py), imported on first use. Importing
+aiohttp takes longer than the rest of start-up together (mostly the TLS setup
+of its HTTP client, which we never use), and a pod serving WebSockets need not
+pay for it before its first answer. With no WebSocket path it loads at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from . import websocket
+from .runtime import Runtime
+from .websocket import Sockets
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+# A first request head larger than this is aiohttp's to refuse.
+HEAD_LIMIT = 16 * 1024
+# How long a new connection may take to send its first request head.
+HEAD_TIMEOUT = 75.0
+
+
+class Front:
+    """What the front door hands connections to: picows, or aiohttp once loaded."""
+
+    def __init__(self, runtime: Runtime, sockets: Sockets) -> None:
+        self.runtime = runtime
+        self.sockets = sockets
+        self.runner: web.AppRunner | None = None
+        self._loading: asyncio.Future[None] | None = None
+
+    def load(self) -> asyncio.Future[None]:
+        """Import aiohttp and build the app, once."""
+        if self._loading is None:
+            self._loading = asyncio.ensure_future(self._load())
+        return self._loading
+
+    async def _load(self) -> None:
+        from . import server
+
+        self.runner = await server.make_runner(self.runtime, self.sockets)
+
+    def to_web(self, transport: asyncio.Transport, data: bytes) -> None:
+        if self.runner is not None:
+            self._give(transport, data)
+            return
+        transport.pause_reading()
+        self.load().add_done_callback(lambda _: self._give(transport, data, paused=True))
+
+    def _give(self, transport: asyncio.Transport, data: bytes, paused: bool = False) -> None:
+        if transport.is_closing():
+            return
+        assert self.runner is not None and self.runner.server is not None
+        handler = self.runner.server()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if paused:
+            transport.resume_reading()
+        handler.data_received(data)
+
+    async def close(self) -> None:
+        """After the listener stopped: aiohttp finishes its requests (up to the drain timeout)."""
+        if self._loading is not None:
+            await self._loading
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+class FrontDoor(asyncio.Protocol):
+    """One new connection, until its first request head says where it goes."""
+
+    def __init__(self, front: Front) -> None:
+        self.front = front
+        self.head = b""
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment] # a TCP transport
+        self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        self.head += data
+        end = self.head.find(b"\r\n\r\n")
+        if end < 0 and len(self.head) <= HEAD_LIMIT:
+            return
+        assert self.transport is not None and self.timer is not None
+        self.timer.cancel()
+        front = self.front
+        if end >= 0 and is_upgrade(self.head[:end], front.runtime.config.websocket):
+            websocket.upgrade(self.transport, self.head, front.runtime, front.sockets)
+        else:
+            front.to_web(self.transport, self.head)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+def is_upgrade(head: bytes, path: str) -> bool:
+    """A GET of `path` asking for a WebSocket: the only thing picows is given.
+
+    Just a sniff: picows parses and checks the request in full.
+    """
+    if not path:
+        return False
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[0] != b"GET" or parts[1].split(b"?", 1)[0] != path.encode():
+        return False
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"upgrade" and b"websocket" in value.lower():
+            return True
+    return False
+
+
+async def listen(front: Front) -> asyncio.Server:
+    """Listen on the configured host and port; OSError if that cannot be."""
+    config = front.runtime.config
+    if not config.websocket:
+        await front.load()  # plain OpenWhisk: every request is aiohttp's
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: FrontDoor(front), config.host, config.port, reuse_address=True)
