@@ -302,7 +302,11 @@ async def first_answer(url: str, deadline: float) -> None:
 
         def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
             if frame.msg_type == WSMsgType.TEXT and not answered.done():
-                answered.set_result(None)
+                payload = frame.get_payload_as_bytes()
+                if EXPECTED in payload:
+                    answered.set_result(None)
+                else:
+                    answered.set_exception(RuntimeError(f"first answer: {payload[:200]!r}"))
 
     while True:
         try:

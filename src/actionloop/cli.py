@@ -10,13 +10,12 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
 import sys
-import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__, archive
 from .config import Config, add_flags, flag_values, from_env
@@ -26,8 +25,13 @@ from .prepare import prepare
 from .runtime import Runtime, log
 from .websocket import Sockets, drain
 
+if TYPE_CHECKING:  # imported where used: a pod started with env only needs neither
+    import argparse
+
 
 def entry_parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="actionloop",
         description="OpenWhisk ActionLoop runtime with a WebSocket mode (see also: actionloop serve -h, kube -h)",
@@ -42,6 +46,8 @@ def entry_parser() -> argparse.ArgumentParser:
 
 
 def serve_parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="actionloop serve", description="Run an action file as a WebSocket server.", allow_abbrev=False
     )
@@ -56,6 +62,8 @@ def serve_parser() -> argparse.ArgumentParser:
 
 
 def kube_parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="actionloop kube",
         description="Print Kubernetes manifests (YAML) that serve an action file over WebSocket.",
@@ -105,15 +113,16 @@ def main(argv: list[str] | None = None) -> int:
             return serve_file(serve_parser().parse_args(argv[1:]))
         if argv[:1] == ["kube"]:
             return print_manifests(kube_parser().parse_args(argv[1:]))
-        args = entry_parser().parse_args(argv)
-        if args.version:
+        # The usual in a pod: no arguments, settings from the environment only.
+        args = entry_parser().parse_args(argv) if argv else None
+        if args is not None and args.version:
             print(f"actionloop {__version__}")
             return 0
-        config = from_env().replace(**flag_values(args))
+        config = from_env().replace(**flag_values(args)) if args is not None else from_env()
     except ValueError as exc:
         log(f"actionloop: bad setting: {exc}")
         return 2
-    if args.compile:
+    if args is not None and args.compile:
         return compile_action(args.compile, config)
     return run(config)
 
@@ -128,6 +137,8 @@ def serve_file(args: argparse.Namespace) -> int:
         "demo": not args.no_demo,
     }
     config = from_env().replace(**given)
+    import tempfile
+
     if args.action_dir is not None:
         return run(config, announce=True)
     with tempfile.TemporaryDirectory(prefix="actionloop-") as folder:
@@ -136,6 +147,8 @@ def serve_file(args: argparse.Namespace) -> int:
 
 def compile_action(main: str, config: Config) -> int:
     """Reference `-compile MAIN`: stdin holds the action, stdout gets a zip."""
+    import tempfile
+
     code = sys.stdin.buffer.read()
     with tempfile.TemporaryDirectory(prefix="actionloop-compile-") as folder:
         src, dest = Path(folder, "src"), Path(folder, "bin")

@@ -7,14 +7,16 @@ README table and the parser cannot drift apart.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import argparse
 
 MIB = 1 << 20
 

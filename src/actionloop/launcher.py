@@ -13,17 +13,20 @@ other key of the line reaches the action as `__OW_<KEY>` in its environment.
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import json
 import os
 import site
 import sys
-import traceback
-from collections.abc import Callable
-from typing import Any, BinaryIO
 
-Entry = Callable[[Any], Any]
+# Every import here delays the action's start-up (the ack), so types are for
+# checkers only, and glob and traceback are imported where they are needed.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, BinaryIO
+
+    Entry = Callable[[Any], Any]
 
 # Keys whose value is new for (nearly) every activation. glibc's setenv keeps
 # every distinct string it is ever given, so handing these to the C
@@ -45,6 +48,8 @@ def activate_virtualenv(folder: str) -> None:
             # The virtualenv's own activation script, shipped in the action's zip.
             exec(compile(file.read(), script, "exec"), {"__file__": script})  # noqa: S102
         return
+    import glob
+
     before = list(sys.path)
     for packages in sorted(glob.glob(os.path.join(venv, "lib", "python3*", "site-packages"))):
         site.addsitedir(packages)
@@ -104,6 +109,8 @@ def activate(entry: Entry, line: bytes) -> bytes:
     try:
         result = entry(args)
     except Exception as exc:  # noqa: BLE001 - any action error becomes a result
+        import traceback
+
         traceback.print_exc()
         result = {"error": str(exc)}
     return encode(result)
