@@ -110,6 +110,23 @@ def test_timeout_kills(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_timeout_counts_from_each_activation(tmp_path: Path) -> None:
+    """The timeout of an activation runs from its own start, not from an earlier one's."""
+
+    async def scenario() -> None:
+        timeout = 1.0 * TIME_FACTOR
+        process = await started(script(tmp_path))
+        assert await process.invoke(b"{}\n", timeout=timeout) == b"{}"
+        await asyncio.sleep(timeout * 0.8)
+        began = time.monotonic()
+        with pytest.raises(ActionTimeout):
+            await process.invoke(b'{"hang":1}\n', timeout=timeout)
+        assert time.monotonic() - began >= timeout * 0.9  # a lower bound: slowness only adds
+        await process.stop(1)
+
+    asyncio.run(scenario())
+
+
 def test_start_failures(tmp_path: Path) -> None:
     """No ack before exit, a wrong first line, or no file: StartError, with the reason."""
 

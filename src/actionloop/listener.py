@@ -56,7 +56,9 @@ class Front:
     def _give(self, transport: asyncio.Transport, data: bytes, paused: bool = False) -> None:
         if transport.is_closing():
             return
-        assert self.runner is not None and self.runner.server is not None
+        if self.runner is None or self.runner.server is None:  # aiohttp failed to load (logged)
+            transport.close()
+            return
         handler = self.runner.server()
         transport.set_protocol(handler)
         handler.connection_made(transport)

@@ -1,14 +1,18 @@
 """Which action process serves which activation.
 
 - `Shared` is the reference's model made safe: one action process for every
-  caller, one activation at a time, callers served in arrival order (asyncio's
-  lock is FIFO), so replies never cross between connections (SPEC.md part C).
+  caller, one activation at a time, callers served in arrival order (a FIFO
+  queue), so replies never cross between connections (SPEC.md part C).
 - `Pool` is several `Shared` runners; each activation takes the one idle the
   longest, so activations from different callers run in parallel.
 - Per-connection processes (the `connection` mode) are a `Shared` runner per
   connection; the runtime creates and closes them.
 
-A process that died is replaced from the same prepared code on next use.
+A process that died is replaced from the same prepared code at once.
+
+Activations are handed on with `submit(line, timeout, done)`: `done` hears
+the result or the error, once. No task or lock stands between a message and
+its process; `invoke` awaits the same for callers that want a coroutine.
 """
 
 from __future__ import annotations

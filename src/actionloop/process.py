@@ -199,6 +199,7 @@ class ActionProcess:
         self._timeout: float | None = None
         self._done: Done | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None  # loop time the activation in flight must end by
         self._unwritten: memoryview | None = None
 
     def _become(self, state: State) -> None:
@@ -286,7 +287,11 @@ class ActionProcess:
         self._done = done
         self._timeout = timeout
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(timeout, self._expire) if timeout else None
+        # One timer serves activation after activation: it is armed only when
+        # none is, and re-arms itself if it fires early (see _expire).
+        self._deadline = loop.time() + timeout if timeout else None
+        if self._deadline is not None and self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._expire)
         self._unwritten = memoryview(line)
         self._write()
         if self._unwritten and self._done is not None:
@@ -344,17 +349,21 @@ class ActionProcess:
 
     def _finish(self, outcome: bytes | ActionLoopError) -> None:
         done, self._done = self._done, None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = None
         self._stop_writing()
         write_sentinels()
         assert done is not None
         done(outcome)
 
     def _expire(self) -> None:
-        """The activation took too long: kill the process; its pipe closing ends the wait."""
+        """Kill the process if the activation in flight is past its deadline; its pipe closing ends the wait."""
         self._timer = None
+        if self._deadline is None:
+            return  # nothing in flight: the next activation arms a timer anew
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._expire)
+            return
         self._timed_out = True
         self._signal(signal.SIGKILL)
         self._results.feed_eof()
@@ -377,6 +386,9 @@ class ActionProcess:
         """SIGTERM the process group, SIGKILL after `grace` seconds, reap."""
         was_alive = self.alive
         self._become(State.STOPPED)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._exited is not None:
             if was_alive:
                 self._signal(signal.SIGTERM)
