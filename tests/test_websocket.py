@@ -341,6 +341,21 @@ def test_oversized_message_closes_1009(start_server: Any) -> None:
         assert ask(other, {"name": "still"}) == {"greeting": "Hello, still!"}
 
 
+def test_fragmented_messages(start_server: Any) -> None:
+    """A message sent in fragments is one message; fragments past the size limit close with 1009."""
+    server = ws_server(start_server, EXAMPLES / "hello.py", OW_WEBSOCKET_MAX_MESSAGE="1000")
+    with connect(server.ws_url("/hello"), open_timeout=TIMEOUT) as ws:
+        ws.send(['{"name": ', '"in ', 'parts"}'])
+        assert json.loads(ws.recv(timeout=TIMEOUT)) == {"greeting": "Hello, in parts!"}
+        ws.send([b'{"name": ', b'"bytes"}'])
+        assert json.loads(ws.recv(timeout=TIMEOUT)) == {"greeting": "Hello, bytes!"}
+        assert ask(ws, {"name": "whole"}) == {"greeting": "Hello, whole!"}
+        ws.send(['{"name": "', "x" * 600, "x" * 600, '"}'])  # each fragment fits, the message does not
+        with pytest.raises(ConnectionClosed) as caught:
+            ws.recv(timeout=TIMEOUT)
+        assert caught.value.rcvd is not None and caught.value.rcvd.code == 1009
+
+
 def test_deadline_metadata(start_server: Any, tmp_path: Path) -> None:
     """Each message carries an OpenWhisk deadline (epoch ms) in __OW_DEADLINE."""
     action = tmp_path / "deadline.py"

@@ -11,11 +11,13 @@ from __future__ import annotations
 import io
 import os
 import stat
-import tarfile
-import zipfile
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from .errors import PrepareError
+
+if TYPE_CHECKING:  # imported where used: a source file, the usual action, needs neither
+    import zipfile
 
 ZIP_MAGIC = b"PK\x03\x04"
 GZIP_MAGIC = b"\x1f\x8b"
@@ -56,6 +58,8 @@ def _check_size(total: int, max_bytes: int) -> None:
 
 
 def _unzip(code: bytes, dest: Path, max_bytes: int) -> None:
+    import zipfile
+
     try:
         with zipfile.ZipFile(io.BytesIO(code)) as archive:
             infos = archive.infolist()
@@ -82,6 +86,8 @@ def _extract_zip_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: 
 
 
 def _untar(code: bytes, dest: Path, max_bytes: int) -> None:
+    import tarfile
+
     try:
         with tarfile.open(fileobj=io.BytesIO(code), mode="r:gz") as archive:
             members = archive.getmembers()
@@ -108,6 +114,8 @@ def mark_executable(path: Path) -> bool:
 def pack(folder: Path) -> bytes:
     """Zip a prepared action folder, keeping modes (for `-compile`)."""
     buffer = io.BytesIO()
+    import zipfile
+
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(folder.rglob("*")):
             if path.is_file():
