@@ -92,11 +92,9 @@ def encode(result: Any) -> bytes:
 
 def set_env(key: str, value: str, environ: Any = os.environ) -> None:
     """os.environ[key] = value, without feeding setenv a new string every activation."""
-    if environ.get(key) == value:
-        return
     if key in PER_ACTIVATION:
         environ._data[environ.encodekey(key)] = environ.encodevalue(value)  # noqa: SLF001 - see PER_ACTIVATION
-    else:
+    elif environ.get(key) != value:
         environ[key] = value
 
 
