@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import datetime
 import http.client
+import math
 import multiprocessing
 import os
 import platform
@@ -373,7 +374,7 @@ def measure(spec: ServerSpec, args: argparse.Namespace, folder: Path) -> dict[st
 
 
 def fmt(value: float | None, digits: int = 0) -> str:
-    if value is None or value != value:
+    if value is None or math.isnan(value):
         return "-"
     return f"{value:,.{digits}f}"
 
@@ -467,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         args.duration, args.warmup, args.concurrency = 0.5, 0.2, [1]
         args.idle, args.idle_per_process, args.cold_trials = 10, 5, 1
     args.pin = args.pin and shutil.which("taskset") is not None and 0 in os.sched_getaffinity(0)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     specs = server_specs(0)
     chosen = args.servers or list(specs)

@@ -33,6 +33,7 @@ def launch(
         cwd=exec_path.parent,
         input=b"".join(json.dumps(line).encode() + b"\n" for line in lines),
         capture_output=True,
+        check=False,
         env=env,
         timeout=20 * TIME_FACTOR,
     )

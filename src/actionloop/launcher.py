@@ -66,7 +66,7 @@ def load(folder: str, name: str) -> Entry:
     module = importlib.util.module_from_spec(spec)
     sys.modules["main__"] = module
     spec.loader.exec_module(module)
-    entry = getattr(module, name, None)
+    entry: Entry | None = getattr(module, name, None)
     if not callable(entry):
         raise AttributeError(f"the action has no function named {name!r} in __main__.py")  # noqa: TRY004
     return entry
@@ -93,7 +93,7 @@ def encode(result: Any) -> bytes:
 def set_env(key: str, value: str, environ: Any = os.environ) -> None:
     """os.environ[key] = value, without feeding setenv a new string every activation."""
     if key in PER_ACTIVATION:
-        environ._data[environ.encodekey(key)] = environ.encodevalue(value)  # noqa: SLF001 - see PER_ACTIVATION
+        environ._data[environ.encodekey(key)] = environ.encodevalue(value)  # private, see PER_ACTIVATION
     elif environ.get(key) != value:
         environ[key] = value
 

@@ -75,9 +75,7 @@ class Metrics:
             buckets=cumulative,
             sum_value=self.latency_sum,
         )
-        yield CounterMetricFamily(
-            "actionloop_action_restarts", "Action processes replaced after dying", self.restarts
-        )
+        yield CounterMetricFamily("actionloop_action_restarts", "Action processes replaced after dying", self.restarts)
         yield GaugeMetricFamily("actionloop_messages_in_flight", "WebSocket messages being answered", self.in_flight)
 
     def render(self) -> bytes:

@@ -37,7 +37,8 @@ def _nothing() -> None:
 
 
 class Runner(Protocol):
-    failure: str | None
+    @property
+    def failure(self) -> str | None: ...
 
     async def open(self) -> None: ...
     def submit(self, line: bytes, timeout: float | None, done: Done) -> None: ...

@@ -132,7 +132,7 @@ class LineReader(asyncio.Protocol):
         elif b"\n" in data:
             self.buffer += data
             *parts, rest = self.buffer.split(b"\n")
-            lines = [part + b"\n" for part in parts]
+            lines = [bytes(part) + b"\n" for part in parts]
             self.buffer = bytearray(rest)
         else:
             lines = []
@@ -303,8 +303,10 @@ class ActionProcess:
 
     def _write(self) -> None:
         """As much of the activation line as the stdin pipe takes now."""
+        unwritten = self._unwritten
+        assert unwritten is not None
         try:
-            written = os.write(self._stdin, self._unwritten)
+            written = os.write(self._stdin, unwritten)
         except BlockingIOError:
             return
         except OSError:  # EPIPE and friends: the process is gone
@@ -312,7 +314,7 @@ class ActionProcess:
             self._become(State.DEAD)
             self._finish(ActionExited())
             return
-        self._unwritten = self._unwritten[written:]
+        self._unwritten = unwritten[written:]
         if not self._unwritten:
             self._stop_writing()
 

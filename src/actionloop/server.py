@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 from importlib import resources
-from typing import Any
 
 from aiohttp import web
 
@@ -117,14 +116,21 @@ def build_app(runtime: Runtime, sockets: Sockets) -> web.Application:
         app.router.add_get(config.websocket, handle_websocket)
     if config.demo and config.websocket and config.websocket != "/":
         page = demo_page(config)
-        app.router.add_get("/", lambda _: web.Response(body=page, content_type="text/html", charset="utf-8"))
+
+        async def handle_demo(request: web.Request) -> web.Response:
+            return web.Response(body=page, content_type="text/html", charset="utf-8")
+
+        app.router.add_get("/", handle_demo)
     return app
 
 
 async def make_runner(runtime: Runtime, sockets: Sockets) -> web.AppRunner:
     """The app, ready to take connections; no access log, as stdout/stderr are the action's."""
     runner = web.AppRunner(
-        build_app(runtime, sockets), access_log=None, handle_signals=False, shutdown_timeout=runtime.config.drain_timeout
+        build_app(runtime, sockets),
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=runtime.config.drain_timeout,
     )
     await runner.setup()
     return runner

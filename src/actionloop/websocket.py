@@ -34,7 +34,7 @@ from picows import (
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
 )
-from picows.picows import WSProtocol
+from picows.picows import WSProtocol  # type: ignore[attr-defined] # not in picows' stubs; built in upgrade()
 
 from . import protocol
 from .config import Config
@@ -257,9 +257,7 @@ class Conversation(WSListener):
         timeout = self.runtime.config.idle_timeout
         if timeout:
             self.idle = self.loop.call_later(timeout, self._idle_check)
-        log_event(
-            "websocket_open", connection=self.session.connection, remote=self.remote, path=self.path
-        )
+        log_event("websocket_open", connection=self.session.connection, remote=self.remote, path=self.path)
         self._spawn(self._open())
 
     def _spawn(self, work: Any) -> None:
