@@ -257,7 +257,8 @@ class Session:
         self.runtime = runtime
         self.connection = connection
         self.runner = runner
-        self._own = runner is not None
+        self.own = runner is not None  # a process of its own, to start and stop
+        self._closed = False
 
     async def open(self) -> None:
         """Start the connection's own process, if it has one; StartError says why not."""
@@ -265,9 +266,9 @@ class Session:
             await self.runner.open()
 
     async def close(self) -> None:
-        if self._own:
-            self._own = False
-            assert self.runner is not None
+        """Stop the connection's own process (once), making room for another."""
+        if self.runner is not None and not self._closed:
+            self._closed = True
             await self.runner.close()
             self.runtime.own_processes -= 1
 

@@ -258,7 +258,10 @@ class Conversation(WSListener):
         if timeout:
             self.idle = self.loop.call_later(timeout, self._idle_check)
         log_event("websocket_open", connection=self.session.connection, remote=self.remote, path=self.path)
-        self._spawn(self._open())
+        if self.session.own:
+            self._spawn(self._open())
+        else:
+            self.ready = True
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.ensure_future(work)
