@@ -341,3 +341,46 @@ def test_connection_process_that_cannot_start(start_server: Any, tmp_path: Path)
     assert "exited abruptly during initialization" in caught.value.rcvd.reason
     assert metrics(server)[("actionloop_errors_total", (("kind", "start_failed"),))] == 1
     assert metrics(server)[("actionloop_websocket_connections", ())] == 0
+
+
+DIES = (
+    "import os, time\n"
+    "def main(args):\n"
+    "    time.sleep(args.get('sleep', 0))\n"
+    "    if args.get('die'):\n        os._exit(3)\n"
+    "    return {'pid': os.getpid(), 'id': args.get('id')}\n"
+)
+
+
+def test_message_waiting_behind_a_crash_is_served(start_server: Any, tmp_path: Path) -> None:
+    """Shared mode: a message queued behind one that kills the process is answered by the new process."""
+    server = serve(start_server, tmp_path, DIES)
+    with (
+        connect(server.ws_url("/ws"), open_timeout=TIMEOUT) as dying,
+        connect(server.ws_url("/ws"), open_timeout=TIMEOUT) as waiting,
+    ):
+        first_pid = ask(waiting, {"id": 0})["pid"]
+        dying.send(json.dumps({"die": True, "sleep": 0.5 * TIME_FACTOR}))
+        time.sleep(0.2 * TIME_FACTOR)  # the action is now on the dying message
+        waiting.send(json.dumps({"id": 1}))
+        assert json.loads(dying.recv(timeout=TIMEOUT)) == {"error": "command exited"}
+        reply = json.loads(waiting.recv(timeout=TIMEOUT))
+        assert reply["id"] == 1 and reply["pid"] != first_pid
+    counts = metrics(server)
+    assert counts[("actionloop_errors_total", (("kind", "command_exited"),))] == 1
+    assert counts[("actionloop_action_restarts_total", ())] == 1
+
+
+def test_timeout_runs_from_when_the_action_takes_the_message(start_server: Any, tmp_path: Path) -> None:
+    """Shared mode: time spent waiting behind another message does not count against the timeout."""
+    timeout = 3 * TIME_FACTOR
+    server = serve(start_server, tmp_path, SLOW, OW_WEBSOCKET_TIMEOUT=str(timeout))
+    with (
+        connect(server.ws_url("/ws"), open_timeout=TIMEOUT) as a,
+        connect(server.ws_url("/ws"), open_timeout=TIMEOUT) as b,
+    ):
+        a.send(json.dumps({"sleep": timeout * 2 / 3, "id": "a"}))
+        b.send(json.dumps({"sleep": timeout * 2 / 3, "id": "b"}))
+        replies = [json.loads(a.recv(timeout=TIMEOUT)), json.loads(b.recv(timeout=TIMEOUT))]
+    assert [r.get("id") for r in replies] == ["a", "b"], replies
+    assert replies[0]["end"] <= replies[1]["start"]  # one after the other, on the one process

@@ -61,6 +61,11 @@ class ActionExited(ActionError):
         super().__init__("command exited")
 
 
+class Unstarted(ActionExited):
+    """The process died while this activation's line still waited in its stdin:
+    the action never began it, so it can be sent again to a new process."""
+
+
 class ActionTimeout(ActionError):
     """The action did not answer within the per-activation timeout."""
 

@@ -23,7 +23,7 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from .errors import ActionExited, ActionLoopError
+from .errors import ActionExited, ActionLoopError, Unstarted
 from .process import ActionProcess, Done, settled
 
 Starter = Callable[[], Awaitable[ActionProcess]]
@@ -51,10 +51,12 @@ async def invoke(runner: Runner, line: bytes, timeout: float | None = None) -> b
 
 
 class Shared:
-    """One action process shared by all callers, one activation at a time.
+    """One action process shared by all callers, activations one after another.
 
-    Activations wait in a FIFO queue; each is handed to the process as soon
-    as the one before it is answered, with no task or lock in between.
+    Activations wait in a FIFO queue. Up to process.DEPTH of them are in the
+    process's hands at once (the one the action works on, the next waiting in
+    its stdin), with no task or lock in between. The action still takes them
+    one at a time, in order, so replies cannot cross.
     """
 
     def __init__(self, start: Starter, stop_grace: float, on_restart: Callable[[], None] = _nothing) -> None:
@@ -63,7 +65,8 @@ class Shared:
         self._on_restart = on_restart
         self._process: ActionProcess | None = None
         self._queue: collections.deque[Job] = collections.deque()
-        self._busy = False
+        self._in_flight = 0  # activations in the process's hands
+        self._pumping = False
         self._closed = False
         self._restart: asyncio.Task[None] | None = None
         self._drained: asyncio.Future[None] | None = None
@@ -82,30 +85,42 @@ class Shared:
         self._pump()
 
     def _pump(self, eager: bool = False) -> None:
-        """Start the next activation, or replace a dead process first."""
-        if self._busy or self._restart is not None:
+        """Hand queued activations to the process, or replace a dead one first."""
+        if self._pumping or self._restart is not None:
             return
         process = self._process
         if process is None or not process.alive:
+            if self._in_flight:
+                return  # the dead process is still handing its activations back
             if self._closed:
                 self._fail_queued(ActionExited())
             elif self._queue or eager:
                 self._restart = asyncio.ensure_future(self._replace())
             return
-        if not self._queue:
-            if self._drained is not None and not self._drained.done():
-                self._drained.set_result(None)
-            return
-        line, timeout, done = self._queue.popleft()
-        self._busy = True
-        process.submit(line, timeout, functools.partial(self._answered, done))
+        self._pumping = True
+        try:
+            while self._queue and process.room:
+                job = self._queue.popleft()
+                self._in_flight += 1
+                process.submit(job[0], job[1], functools.partial(self._answered, job))
+        finally:
+            self._pumping = False
+        if not process.alive:
+            self._pump(eager=True)  # it died as a line was written
+        elif not self._queue and not self._in_flight and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
 
-    def _answered(self, done: Done, outcome: bytes | ActionLoopError) -> None:
-        self._busy = False
-        # The next activation starts before this reply goes out; a process
+    def _answered(self, job: Job, outcome: bytes | ActionLoopError) -> None:
+        self._in_flight -= 1
+        if isinstance(outcome, Unstarted) and not self._closed:
+            # The action never began it: the next process gets it first.
+            self._queue.appendleft(job)
+            self._pump(eager=True)
+            return
+        # Queued activations move up before this reply goes out; a process
         # that died is replaced now, not when the next caller arrives.
         self._pump(eager=True)
-        done(outcome)
+        job[2](outcome)
 
     async def _replace(self) -> None:
         old, self._process = self._process, None
@@ -132,7 +147,7 @@ class Shared:
     async def close(self) -> None:
         """Stop the process, letting queued and running activations finish first."""
         self._closed = True
-        while self._busy or self._queue or self._restart is not None:
+        while self._in_flight or self._queue or self._restart is not None:
             if self._restart is not None:
                 await asyncio.shield(self._restart)
                 continue

@@ -9,7 +9,7 @@ Life of a process, one table (the only transitions there are):
 
     STARTING -> READY     the ack arrived (or, without ack, it did not die)
     READY    -> BUSY      an activation line was written
-    BUSY     -> READY     its result line was read
+    BUSY     -> READY     the result line of the last one in flight was read
     any      -> DEAD      the process exited, or was killed for a timeout
     any      -> STOPPED   stop() was called; nothing follows
 """
@@ -28,10 +28,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from . import protocol
-from .errors import ActionExited, ActionLoopError, ActionTimeout, BadResult, StartError
+from .errors import ActionExited, ActionLoopError, ActionTimeout, BadResult, StartError, Unstarted
 
 # Told the outcome of one activation: the result line, or why there is none.
 Done = Callable[[bytes | ActionLoopError], None]
+
+# Activation lines in flight at once: the one the action works on and the
+# next, already waiting in its stdin, so the action goes on without sleeping.
+# The action still takes them one at a time, in order (ActionLoop protocol).
+DEPTH = 2
 
 ABRUPT_EXIT = "Command exited abruptly during initialization."
 # Without an ack, a process still alive after this long counts as started.
@@ -196,11 +201,12 @@ class ActionProcess:
         self._results = LineReader(max_result)
         self._stdin = -1
         self._timed_out = False
-        self._timeout: float | None = None
-        self._done: Done | None = None
+        self._timeout: float | None = None  # of the activation the action works on
+        self._deadline: float | None = None  # loop time that activation must end by
         self._timer: asyncio.TimerHandle | None = None
-        self._deadline: float | None = None  # loop time the activation in flight must end by
-        self._unwritten: memoryview | None = None
+        self._inflight: collections.deque[tuple[float | None, Done]] = collections.deque()
+        self._outbox: collections.deque[memoryview] = collections.deque()  # not yet in the pipe
+        self._writing = False  # waiting for the stdin pipe to take more
 
     def _become(self, state: State) -> None:
         if state not in TRANSITIONS[self.state]:
@@ -272,70 +278,99 @@ class ActionProcess:
             return
         raise StartError(ABRUPT_EXIT)
 
+    @property
+    def room(self) -> bool:
+        """Whether another activation line can be sent now."""
+        return self.state in (State.READY, State.BUSY) and len(self._inflight) < DEPTH
+
     def submit(self, line: bytes, timeout: float | None, done: Done) -> None:
         """Send one activation line; `done` gets its result (JSON object or
         array) or the ActionLoopError that ended it, exactly once.
+
+        Up to DEPTH lines may be in flight. Each timeout runs from the moment
+        the action gets to that line. If the process dies, the activation it
+        worked on gets the error, and those still waiting get Unstarted, last
+        first (so a caller putting them back at the front of a queue keeps
+        their order).
 
         The end-of-activation sentinel goes to stdout and stderr after every
         activation, answered or not (SPEC.md part A; the reference does too).
         Nothing here waits: the result arrives through the fd 3 reader.
         """
-        if self.state is not State.READY:
+        if not self.room:
             done(ActionExited())
             return
-        self._become(State.BUSY)
-        self._done = done
-        self._timeout = timeout
-        loop = asyncio.get_running_loop()
-        # One timer serves activation after activation: it is armed only when
-        # none is, and re-arms itself if it fires early (see _expire).
-        self._deadline = loop.time() + timeout if timeout else None
-        if self._deadline is not None and self._timer is None:
-            self._timer = loop.call_at(self._deadline, self._expire)
-        self._unwritten = memoryview(line)
-        self._write()
-        if self._unwritten and self._done is not None:
-            loop.add_writer(self._stdin, self._write)
+        if self.state is State.READY:
+            self._become(State.BUSY)
+        self._inflight.append((timeout, done))
+        if len(self._inflight) == 1:
+            self._start_clock(timeout)
+        self._outbox.append(memoryview(line))
+        if not self._writing:
+            self._write()
 
     async def invoke(self, line: bytes, timeout: float | None = None) -> bytes:
         """`submit`, awaited: the result, or the error raised."""
         return await settled(functools.partial(self.submit, line, timeout))
 
+    def _start_clock(self, timeout: float | None) -> None:
+        """The action starts on an activation: its timeout runs from now.
+
+        One timer serves activation after activation: it is armed only when
+        none is, and re-arms itself if it fires early (see _expire).
+        """
+        loop = asyncio.get_running_loop()
+        self._timeout = timeout
+        self._deadline = loop.time() + timeout if timeout else None
+        if self._deadline is not None and self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._expire)
+
     def _write(self) -> None:
-        """As much of the activation line as the stdin pipe takes now."""
-        unwritten = self._unwritten
-        assert unwritten is not None
-        try:
-            written = os.write(self._stdin, unwritten)
-        except BlockingIOError:
-            return
-        except OSError:  # EPIPE and friends: the process is gone
-            self._stop_writing()
-            self._become(State.DEAD)
-            self._finish(ActionExited())
-            return
-        self._unwritten = unwritten[written:]
-        if not self._unwritten:
+        """As much of the waiting lines as the stdin pipe takes now."""
+        outbox = self._outbox
+        while outbox:
+            try:
+                written = os.write(self._stdin, outbox[0])
+            except BlockingIOError:
+                break
+            except OSError:  # EPIPE and friends: the process is gone
+                self._become(State.DEAD)
+                self._on_end()
+                return
+            if written < len(outbox[0]):
+                outbox[0] = outbox[0][written:]
+                break
+            outbox.popleft()
+        if outbox and not self._writing:
+            asyncio.get_running_loop().add_writer(self._stdin, self._write)
+            self._writing = True
+        elif not outbox:
             self._stop_writing()
 
     def _stop_writing(self) -> None:
-        if self._unwritten is not None and self._stdin >= 0:
+        if self._writing and self._stdin >= 0:
             asyncio.get_running_loop().remove_writer(self._stdin)
-        self._unwritten = None
+        self._writing = False
 
     def _on_line(self, line: bytes) -> None:
-        if self._done is None:
+        if not self._inflight:
             return  # a line no activation asked for: nobody must read it as theirs
-        if self.state is State.BUSY:  # it may have exited just after answering
-            self._become(State.READY)
+        _, done = self._inflight.popleft()
+        if self._inflight:
+            self._start_clock(self._inflight[0][0])
+        else:
+            self._deadline = None
+            if self.state is State.BUSY:  # it may have exited just after answering
+                self._become(State.READY)
         try:
             outcome: bytes | ActionLoopError = protocol.check_result(line)
         except protocol.JSON_ERRORS:
             outcome = BadResult()
-        self._finish(outcome)
+        write_sentinels()
+        done(outcome)
 
     def _on_end(self) -> None:
-        """fd 3 closed (the process is gone, even if not yet reaped) or overflowed."""
+        """fd 3 closed (the process is gone, even if not yet reaped), overflowed, or stdin broke."""
         if self._results.overflow and not self._results.eof:
             # An over-long result leaves the pipe mid-line: this process is done.
             self._signal(signal.SIGKILL)
@@ -346,19 +381,21 @@ class ActionProcess:
             error = ActionExited()
         if self.alive:
             self._become(State.DEAD)
-        if self._done is not None:
-            self._finish(error)
-
-    def _finish(self, outcome: bytes | ActionLoopError) -> None:
-        done, self._done = self._done, None
-        self._deadline = None
         self._stop_writing()
+        self._outbox.clear()
+        self._deadline = None
+        if not self._inflight:
+            return
+        _, done = self._inflight.popleft()
+        waiting = [done for _, done in self._inflight]
+        self._inflight.clear()
         write_sentinels()
-        assert done is not None
-        done(outcome)
+        done(error)
+        for done in reversed(waiting):
+            done(Unstarted())
 
     def _expire(self) -> None:
-        """Kill the process if the activation in flight is past its deadline; its pipe closing ends the wait."""
+        """Kill the process if the activation it works on is past its deadline; its pipe closing ends the wait."""
         self._timer = None
         if self._deadline is None:
             return  # nothing in flight: the next activation arms a timer anew
