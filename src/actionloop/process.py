@@ -334,7 +334,6 @@ class ActionProcess:
             except BlockingIOError:
                 break
             except OSError:  # EPIPE and friends: the process is gone
-                self._become(State.DEAD)
                 self._on_end()
                 return
             if written < len(outbox[0]):
