@@ -12,7 +12,8 @@ A process that died is replaced from the same prepared code at once.
 
 Activations are handed on with `submit(line, timeout, done)`: `done` hears
 the result or the error, once. No task or lock stands between a message and
-its process; `invoke` awaits the same for callers that want a coroutine.
+its process; `process.settled` awaits the same for callers that want a
+coroutine.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from .errors import ActionExited, ActionLoopError, Unstarted
-from .process import ActionProcess, Done, settled
+from .process import ActionProcess, Done
 
 Starter = Callable[[], Awaitable[ActionProcess]]
 Job = tuple[bytes, "float | None", Done]
@@ -43,11 +44,6 @@ class Runner(Protocol):
     async def open(self) -> None: ...
     def submit(self, line: bytes, timeout: float | None, done: Done) -> None: ...
     async def close(self) -> None: ...
-
-
-async def invoke(runner: Runner, line: bytes, timeout: float | None = None) -> bytes:
-    """One activation on `runner`, awaited: the result, or the error raised."""
-    return await settled(functools.partial(runner.submit, line, timeout))
 
 
 class Shared:
