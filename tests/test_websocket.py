@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -415,3 +416,13 @@ def test_plain_get_of_the_websocket_path(start_server: Any, first: bool) -> None
     assert response.status == 400
     assert "WebSocket" in json.loads(response.read())["error"]
     connection.close()
+
+
+def test_start_up_leaves_unused_libraries_unloaded() -> None:
+    """The modules a WebSocket pod starts with load neither aiohttp nor picows' client side."""
+    probe = (
+        "import sys, actionloop.cli, actionloop.listener, actionloop.websocket\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'aiohttp', 'python_socks', 'aiofastnet', 'picows'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=clean_env())
+    assert out.stdout.strip() == "['picows']", out.stdout

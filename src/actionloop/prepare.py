@@ -12,7 +12,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from importlib import resources
 from pathlib import Path
 
 from .archive import mark_executable
@@ -73,8 +72,7 @@ def _prepare_python(src: Path, dest: Path, main: str) -> None:
         raise PrepareError("Zip file does not include __main__.py")
     _check_virtualenv(src / "virtualenv")
     src.rename(dest)
-    launcher = resources.files("actionloop").joinpath("launcher.py").read_bytes()
-    (dest / LAUNCHER).write_bytes(launcher)
+    (dest / LAUNCHER).write_bytes(Path(__file__).with_name("launcher.py").read_bytes())
     (dest / "exec").write_text(STUB.format(python=sys.executable, main=main))
     (dest / "exec").chmod(0o755)
     (dest / ACK_MARKER).touch()

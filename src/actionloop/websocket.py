@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hmac
+import importlib.util
 import itertools
 import logging
 import sys
@@ -23,23 +24,36 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
-from picows import (
+from . import protocol
+from .config import Config
+from .errors import ActionLoopError
+from .runtime import Runtime, Session
+
+
+def _bare_picows() -> None:
+    """Register the picows package without running its __init__.
+
+    That __init__ also loads picows' client side (proxies through python_socks,
+    aiofastnet, TLS helpers): about 40 ms of every cold start, for code a
+    server never calls. The two modules imported below are all the server
+    side needs (picows is pinned to 2.3.x, whose layout this relies on).
+    """
+    spec = importlib.util.find_spec("picows")
+    if spec is not None and "picows" not in sys.modules:
+        sys.modules["picows"] = importlib.util.module_from_spec(spec)
+
+
+_bare_picows()
+from picows.common import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
+from picows.picows import (  # type: ignore[attr-defined]  # WSProtocol is not in picows' stubs
     WSAutoPingStrategy,
     WSCloseCode,
     WSFrame,
     WSListener,
     WSMsgType,
+    WSProtocol,
     WSTransport,
-    WSUpgradeRequest,
-    WSUpgradeResponse,
-    WSUpgradeResponseWithListener,
 )
-from picows.picows import WSProtocol  # type: ignore[attr-defined] # not in picows' stubs; built in upgrade()
-
-from . import protocol
-from .config import Config
-from .errors import ActionLoopError
-from .runtime import Runtime, Session
 
 SUBPROTOCOL = "actionloop"
 TOKEN_SUBPROTOCOL = "bearer."
