@@ -7,6 +7,7 @@ onto a pipe we read; nothing of the server is involved.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,22 @@ def test_per_activation_keys_do_not_grow_the_process(tmp_path: Path) -> None:
     # Each unique string kept by setenv would cost about 100 bytes: 20 MB here.
     grown = results[-1]["rss"] - results[1000]["rss"]
     assert grown < 4 * 1024 * 1024, grown
+
+
+def test_processes_load_the_bytecode_saved_at_prepare(tmp_path: Path) -> None:
+    """Prepare compiles the launcher and __main__.py once; each process loads that bytecode, not the source."""
+    exec_path = make_action(tmp_path, "def main(args):\n    return {'ok': 1}\n")
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONVERBOSE": "1"}
+    code, results, _, stderr = launch(exec_path, [{"value": {}}], env)
+    assert code == 0 and results == [{"ok": True}, {"ok": 1}]
+    cache = exec_path.parent / "__pycache__"
+    for module in ("actionloop_launcher", "__main__"):
+        pyc = next(cache.glob(f"{module}.*.pyc"))
+        assert f"code object from '{pyc}'" in stderr
+
+
+def test_prepare_leaves_a_syntax_error_to_the_import(tmp_path: Path) -> None:
+    """A module that does not compile is still prepared; starting it fails with the traceback, as before."""
+    code, results, _, stderr = launch(make_action(tmp_path, "def main(args)\n    return {}\n"), [])
+    assert code != 0 and results == []
+    assert "SyntaxError" in stderr

@@ -76,6 +76,24 @@ def _prepare_python(src: Path, dest: Path, main: str) -> None:
     (dest / "exec").write_text(STUB.format(python=sys.executable, main=main))
     (dest / "exec").chmod(0o755)
     (dest / ACK_MARKER).touch()
+    _save_bytecode(dest / LAUNCHER, dest / "__main__.py")
+
+
+def _save_bytecode(*sources: Path) -> None:
+    """Compile the launcher and the action's module once, at init.
+
+    With PYTHONDONTWRITEBYTECODE (set in our image) Python saves nothing it
+    compiles, so every process started for the action (restarts, one per
+    connection) would compile both anew. A module that does not compile is
+    skipped: importing it reports the error, as before.
+    """
+    import py_compile
+
+    for source in sources:
+        try:
+            py_compile.compile(str(source), doraise=True)
+        except py_compile.PyCompileError:
+            pass
 
 
 def _check_virtualenv(venv: Path) -> None:
