@@ -209,6 +209,7 @@ class ActionProcess:
         self._inflight: collections.deque[tuple[float | None, Done]] = collections.deque()
         self._outbox: collections.deque[memoryview] = collections.deque()  # not yet in the pipe
         self._flushing = False  # a write of the outbox is due in this turn of the loop
+        self._loop: asyncio.AbstractEventLoop  # the one start() ran in
         self._writing = False  # waiting for the stdin pipe to take more
 
     def _become(self, state: State) -> None:
@@ -226,7 +227,7 @@ class ActionProcess:
 
     async def start(self, ack: bool, timeout: float) -> None:
         """Spawn and wait until ready; raise StartError with the reason."""
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         try:
             self._child, stdin_w, results_r = spawn(self.exec_path, self.env)
         except OSError as exc:
@@ -311,7 +312,7 @@ class ActionProcess:
         self._outbox.append(memoryview(line))
         if not (self._flushing or self._writing):
             self._flushing = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     async def invoke(self, line: bytes, timeout: float | None = None) -> bytes:
         """`submit`, awaited: the result, or the error raised."""
@@ -323,7 +324,7 @@ class ActionProcess:
         One timer serves activation after activation: it is armed only when
         none is, and re-arms itself if it fires early (see _expire).
         """
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._timeout = timeout
         self._deadline = loop.time() + timeout if timeout else None
         if self._deadline is not None and self._timer is None:
@@ -350,14 +351,14 @@ class ActionProcess:
                 break
             written -= len(outbox.popleft())
         if outbox and not self._writing:
-            asyncio.get_running_loop().add_writer(self._stdin, self._write)
+            self._loop.add_writer(self._stdin, self._write)
             self._writing = True
         elif not outbox:
             self._stop_writing()
 
     def _stop_writing(self) -> None:
         if self._writing and self._stdin >= 0:
-            asyncio.get_running_loop().remove_writer(self._stdin)
+            self._loop.remove_writer(self._stdin)
         self._writing = False
 
     def _on_line(self, line: bytes) -> None:
@@ -407,7 +408,7 @@ class ActionProcess:
         self._timer = None
         if self._deadline is None:
             return  # nothing in flight: the next activation arms a timer anew
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         if loop.time() < self._deadline:
             self._timer = loop.call_at(self._deadline, self._expire)
             return
