@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from pathlib import Path
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import TIME_FACTOR
 
-from actionloop.errors import ActionExited, ActionTimeout, BadResult, StartError
-from actionloop.process import ActionProcess, State
+from actionloop.errors import ActionExited, ActionTimeout, BadResult, StartError, Unstarted
+from actionloop.process import DEPTH, ActionProcess, State
 
 ECHO = """#!/bin/bash
 [ -n "$ACK" ] && echo '{"ok": true}' >&3
@@ -162,3 +163,47 @@ def test_stop_reaps_the_whole_group(tmp_path: Path) -> None:
             return
         time.sleep(0.02)
     raise AssertionError("the action's child survived stop()")
+
+
+# Answers each line with how many lines came in the read that brought it.
+BATCHES = """#!/usr/bin/env python3
+import os
+os.write(3, b'{"ok": true}\\n')
+while True:
+    chunk = os.read(0, 1 << 16)
+    if not chunk:
+        break
+    lines = chunk.splitlines()
+    for line in lines:
+        if line == b'{"die":1}':
+            os._exit(5)
+        os.write(3, b'{"line": %s, "read_with": %d}\\n' % (line, len(lines)))
+"""
+
+
+def test_lines_of_one_loop_turn_share_one_write(tmp_path: Path) -> None:
+    """Lines submitted in one turn reach the action in one read; each still gets its own result, in order."""
+
+    async def scenario() -> None:
+        process = await started(script(tmp_path, BATCHES))
+        futures = [asyncio.ensure_future(process.invoke(b"%d\n" % n)) for n in range(DEPTH)]
+        results = [json.loads(r) for r in await asyncio.gather(*futures)]
+        assert results == [{"line": n, "read_with": DEPTH} for n in range(DEPTH)]
+        await process.stop(1)
+
+    asyncio.run(scenario())
+
+
+def test_crash_in_a_batch(tmp_path: Path) -> None:
+    """Lines answered before a crash keep their results; the one that crashed fails; later ones are Unstarted."""
+
+    async def scenario() -> None:
+        process = await started(script(tmp_path, BATCHES))
+        lines = [b"1\n", b'{"die":1}\n', b"3\n"]
+        outcomes = await asyncio.gather(*(process.invoke(line) for line in lines), return_exceptions=True)
+        assert json.loads(outcomes[0])["line"] == 1  # type: ignore[arg-type]
+        assert type(outcomes[1]) is ActionExited
+        assert [type(o) for o in outcomes[2:]] == [Unstarted]
+        await process.stop(1)
+
+    asyncio.run(scenario())
