@@ -50,8 +50,8 @@ class Shared:
     """One action process shared by all callers, activations one after another.
 
     Activations wait in a FIFO queue. Up to process.DEPTH of them are in the
-    process's hands at once (the one the action works on, the next waiting in
-    its stdin), with no task or lock in between. The action still takes them
+    process's hands at once (the one the action works on, the next ones
+    waiting in its stdin), with no task or lock in between. The action still takes them
     one at a time, in order, so replies cannot cross.
     """
 
