@@ -51,8 +51,8 @@ class Shared:
 
     Activations wait in a FIFO queue. Up to process.DEPTH of them are in the
     process's hands at once (the one the action works on, the next ones
-    waiting in its stdin), with no task or lock in between. The action still takes them
-    one at a time, in order, so replies cannot cross.
+    waiting in its stdin), with no task or lock in between. The action still
+    takes them one at a time, in order, so replies cannot cross.
     """
 
     def __init__(self, start: Starter, stop_grace: float, on_restart: Callable[[], None] = _nothing) -> None:

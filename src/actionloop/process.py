@@ -331,6 +331,7 @@ class ActionProcess:
             self._timer = loop.call_at(self._deadline, self._expire)
 
     def _flush(self) -> None:
+        """Write the lines submitted in this turn of the loop, together (see DEPTH)."""
         self._flushing = False
         if self._outbox and self._stdin >= 0 and not self._writing:
             self._write()

@@ -34,7 +34,7 @@ def _bare_picows() -> None:
     """Register the picows package without running its __init__.
 
     That __init__ also loads picows' client side (proxies through python_socks,
-    aiofastnet, TLS helpers): about 40 ms of every cold start, for code a
+    aiofastnet, TLS helpers): about 50 ms of every cold start, for code a
     server never calls. The two modules imported below are all the server
     side needs (picows is pinned to 2.3.x, whose layout this relies on).
     """
