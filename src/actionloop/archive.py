@@ -1,27 +1,43 @@
 """Unpack an action's code into a folder: source, zip, tar.gz or executable.
 
 The result is always a folder; a single file (source or executable) lands as
-`exec`, as in the reference proxy. Archives are checked before anything is
-written: no entry may leave the folder, and the total size is bounded
-(SPEC.md part C, last point).
+`exec`, as in the reference proxy. Archives are checked whole before anything
+is written (SPEC.md part C, last point): only regular files and folders, no
+entry may leave the folder, and the total size is bounded. Links, devices and
+fifos are refused outright rather than judged by where they point: that
+judgement is what tarfile's "data" filter gets wrong (CVE-2025-4517, a chain
+of symlinks longer than PATH_MAX, still open in Python 3.11.7), and an action
+needs none of them.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import shutil
 import stat
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from .errors import PrepareError
 
 if TYPE_CHECKING:  # imported where used: a source file, the usual action, needs neither
+    import tarfile
     import zipfile
 
 ZIP_MAGIC = b"PK\x03\x04"
 GZIP_MAGIC = b"\x1f\x8b"
 ELF_MAGIC = b"\x7fELF"
+
+# What a refused entry is, by its Unix file type (zip keeps it in external_attr).
+FILE_TYPES = {
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFCHR: "a device",
+    stat.S_IFBLK: "a device",
+    stat.S_IFIFO: "a fifo",
+    stat.S_IFSOCK: "a socket",
+}
 
 
 def is_executable_bytes(head: bytes) -> bool:
@@ -30,22 +46,57 @@ def is_executable_bytes(head: bytes) -> bool:
 
 
 def unpack(code: bytes, binary: bool, dest: Path, max_bytes: int) -> None:
-    """Write the code into `dest` (which must exist)."""
+    """Write the code into `dest`, an existing (in practice new and empty) folder.
+
+    Every failure is a PrepareError, whatever broke underneath: the callers
+    clean up on that type only (Runtime.init discards the folder). What this
+    call wrote before failing is removed first.
+    """
+    write: Callable[[bytes, Path, int], None]
     if binary and code.startswith(ZIP_MAGIC):
-        _unzip(code, dest, max_bytes)
+        what, write = "zip file", _unzip
     elif binary and code.startswith(GZIP_MAGIC):
-        _untar(code, dest, max_bytes)
+        what, write = "tar.gz file", _untar
     else:
-        _write_exec(dest / "exec", code)
+        what, write = "code", _write_exec
+    before: set[Path] = set()
+    try:
+        before = set(dest.iterdir())
+        write(code, dest, max_bytes)
+    except Exception as exc:
+        # The bytes are the client's, so any failure reading them is theirs:
+        # zipfile and tarfile raise many types (zlib.error, struct.error, ...).
+        _remove_new(dest, before)
+        if isinstance(exc, PrepareError):
+            raise
+        raise PrepareError(f"Cannot unpack the {what}: {exc}") from exc
 
 
-def _write_exec(path: Path, code: bytes) -> None:
+def _remove_new(dest: Path, before: set[Path]) -> None:
+    """Remove what a failed unpack added to `dest`; never fails."""
+    try:
+        added = set(dest.iterdir()) - before
+    except OSError:
+        return
+    for path in added:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _write_exec(code: bytes, dest: Path, max_bytes: int) -> None:
+    # A single file is bounded by the body size limit, not the archive limit.
+    path = dest / "exec"
     path.write_bytes(code)
     if is_executable_bytes(code[:4]):
         path.chmod(0o755)
 
 
-def _safe_name(dest: Path, name: str) -> Path:
+def _target(dest: Path, name: str, refused: str | None) -> Path:
+    """Where an archive entry goes, or a PrepareError naming it if it may not."""
+    if refused is not None:
+        raise PrepareError(f"Archive entry {name!r} is {refused}; only regular files and folders are allowed.")
     parts = PurePosixPath(name.replace("\\", "/")).parts
     if not parts or parts[0] == "/" or ".." in parts or ":" in parts[0]:
         raise PrepareError(f"Archive entry {name!r} would be written outside the action folder.")
@@ -57,47 +108,74 @@ def _check_size(total: int, max_bytes: int) -> None:
         raise PrepareError(f"Archive expands to {total} bytes, over the limit of {max_bytes}.")
 
 
+def _write_file(target: Path, source: IO[bytes], mode: int) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # No entry becomes a link, so none can be in the way; O_NOFOLLOW makes sure.
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with open(fd, "wb") as sink:
+        shutil.copyfileobj(source, sink, 1 << 20)
+    # Keep the archive's executable bits (needed for `exec`), nothing else:
+    # no setuid, no write for others.
+    if mode & 0o111:
+        target.chmod(0o644 | (mode & 0o111))
+
+
+def _zip_refused(info: zipfile.ZipInfo) -> str | None:
+    """Why a zip entry may not be unpacked, if it may not.
+
+    The file type is in the high bits of external_attr when the zip was made
+    on Unix; 0 (DOS, or Python's writestr) means a plain file or folder.
+    """
+    file_type = stat.S_IFMT(info.external_attr >> 16)
+    if file_type in (0, stat.S_IFREG, stat.S_IFDIR):
+        return None
+    return FILE_TYPES.get(file_type, f"of unknown file type {file_type:o}")
+
+
 def _unzip(code: bytes, dest: Path, max_bytes: int) -> None:
     import zipfile
 
-    try:
-        with zipfile.ZipFile(io.BytesIO(code)) as archive:
-            infos = archive.infolist()
-            _check_size(sum(info.file_size for info in infos), max_bytes)
-            targets = [_safe_name(dest, info.filename) for info in infos]
-            for info, target in zip(infos, targets, strict=True):
-                _extract_zip_entry(archive, info, target)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as exc:
-        raise PrepareError(f"Cannot unpack the zip file: {exc}") from exc
+    with zipfile.ZipFile(io.BytesIO(code)) as archive:
+        infos = archive.infolist()
+        _check_size(sum(info.file_size for info in infos), max_bytes)
+        targets = [_target(dest, info.filename, _zip_refused(info)) for info in infos]
+        for info, target in zip(infos, targets, strict=True):
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                with archive.open(info) as source:
+                    _write_file(target, source, info.external_attr >> 16)
 
 
-def _extract_zip_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path) -> None:
-    if info.is_dir():
-        target.mkdir(parents=True, exist_ok=True)
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with archive.open(info) as source, open(target, "wb") as sink:
-        while chunk := source.read(1 << 20):
-            sink.write(chunk)
-    # zipfile drops permissions; keep the executable bits (needed for `exec`).
-    mode = (info.external_attr >> 16) & 0o777
-    if mode & stat.S_IXUSR:
-        target.chmod(mode | stat.S_IRUSR)
+def _tar_refused(member: tarfile.TarInfo) -> str | None:
+    """Why a tar member may not be unpacked, if it may not."""
+    if member.isreg() or member.isdir():
+        return None
+    if member.issym():
+        return "a symbolic link"
+    if member.islnk():
+        return "a hard link"
+    if member.isdev():
+        return "a device or fifo"
+    return f"of unknown type {member.type!r}"
 
 
 def _untar(code: bytes, dest: Path, max_bytes: int) -> None:
     import tarfile
 
-    try:
-        with tarfile.open(fileobj=io.BytesIO(code), mode="r:gz") as archive:
-            members = archive.getmembers()
-            _check_size(sum(member.size for member in members), max_bytes)
-            for member in members:
-                _safe_name(dest, member.name)
-            # The "data" filter also refuses links and devices that escape.
-            archive.extractall(dest, filter="data")
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise PrepareError(f"Cannot unpack the tar.gz file: {exc}") from exc
+    # Our own loop rather than extractall(filter="data"): `_target` is the
+    # protection, and its verdict does not change with the Python patch level.
+    with tarfile.open(fileobj=io.BytesIO(code), mode="r:gz") as archive:
+        members = archive.getmembers()
+        _check_size(sum(member.size for member in members), max_bytes)
+        targets = [_target(dest, member.name, _tar_refused(member)) for member in members]
+        for member, target in zip(members, targets, strict=True):
+            source = archive.extractfile(member)  # None for a folder, the only other type left
+            if source is None:
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                with source:
+                    _write_file(target, source, member.mode)
 
 
 def mark_executable(path: Path) -> bool:
