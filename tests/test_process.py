@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import TIME_FACTOR
 
-from actionloop.errors import ActionExited, ActionTimeout, BadResult, StartError, Unstarted
-from actionloop.process import DEPTH, ActionProcess, State
+from actionloop.errors import ActionExited, ActionLoopError, ActionTimeout, BadResult, StartError
+from actionloop.process import DEPTH, NOT_STARTED, ActionProcess, Outcome, State
 
 ECHO = """#!/bin/bash
 [ -n "$ACK" ] && echo '{"ok": true}' >&3
@@ -36,9 +36,19 @@ def script(tmp_path: Path, body: str = ECHO) -> Path:
 
 async def started(path: Path, ack: bool = True) -> ActionProcess:
     env = dict(os.environ, ACK="1" if ack else "")
-    process = ActionProcess(path, env, max_result=1 << 20)
-    await process.start(ack, timeout=10 * TIME_FACTOR)
+    process = ActionProcess(path, env, max_result=1 << 20, ack=ack)
+    await process.start(timeout=10 * TIME_FACTOR)
     return process
+
+
+async def invoke(process: ActionProcess, line: bytes, timeout: float | None = None) -> Outcome:
+    """Submit one line and await its outcome: the result or NOT_STARTED; an error is raised."""
+    future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+    process.submit(line, timeout, future.set_result)
+    outcome = await future
+    if isinstance(outcome, ActionLoopError):
+        raise outcome
+    return outcome
 
 
 def test_results_come_from_fd_3(tmp_path: Path) -> None:
@@ -47,8 +57,8 @@ def test_results_come_from_fd_3(tmp_path: Path) -> None:
     async def scenario() -> None:
         process = await started(script(tmp_path))
         assert process.state is State.READY
-        assert await process.invoke(b'{"value":{"a":1}}\n') == b'{"value":{"a":1}}'
-        assert await process.invoke(b"[1,2]\n") == b"[1,2]"
+        assert await invoke(process, b'{"value":{"a":1}}\n') == b'{"value":{"a":1}}'
+        assert await invoke(process, b"[1,2]\n") == b"[1,2]"
         await process.stop(1)
         assert process.state is State.STOPPED
 
@@ -62,7 +72,7 @@ def test_child_runs_in_its_folder(tmp_path: Path) -> None:
     async def scenario() -> bytes:
         process = await started(script(tmp_path, body), ack=False)
         try:
-            return await process.invoke(b"{}\n")
+            return await invoke(process, b"{}\n")
         finally:
             await process.stop(1)
 
@@ -75,10 +85,10 @@ def test_exit_during_activation(tmp_path: Path) -> None:
     async def scenario() -> None:
         process = await started(script(tmp_path))
         with pytest.raises(ActionExited):
-            await process.invoke(b'{"die":1}\n')
+            await invoke(process, b'{"die":1}\n')
         assert not process.alive
         with pytest.raises(ActionExited):
-            await process.invoke(b"{}\n")
+            await invoke(process, b"{}\n")
         await process.stop(1)
         assert process.returncode == 7
 
@@ -91,8 +101,8 @@ def test_bad_result(tmp_path: Path) -> None:
     async def scenario() -> None:
         process = await started(script(tmp_path))
         with pytest.raises(BadResult):
-            await process.invoke(b'{"text":1}\n')
-        assert await process.invoke(b"{}\n") == b"{}"
+            await invoke(process, b'{"text":1}\n')
+        assert await invoke(process, b"{}\n") == b"{}"
         await process.stop(1)
 
     asyncio.run(scenario())
@@ -104,7 +114,7 @@ def test_timeout_kills(tmp_path: Path) -> None:
     async def scenario() -> None:
         process = await started(script(tmp_path))
         with pytest.raises(ActionTimeout):
-            await process.invoke(b'{"hang":1}\n', timeout=0.3 * TIME_FACTOR)
+            await invoke(process, b'{"hang":1}\n', timeout=0.3 * TIME_FACTOR)
         assert process.state is State.DEAD
         await process.stop(1)
 
@@ -117,11 +127,11 @@ def test_timeout_counts_from_each_activation(tmp_path: Path) -> None:
     async def scenario() -> None:
         timeout = 1.0 * TIME_FACTOR
         process = await started(script(tmp_path))
-        assert await process.invoke(b"{}\n", timeout=timeout) == b"{}"
+        assert await invoke(process, b"{}\n", timeout=timeout) == b"{}"
         await asyncio.sleep(timeout * 0.8)
         began = time.monotonic()
         with pytest.raises(ActionTimeout):
-            await process.invoke(b'{"hang":1}\n', timeout=timeout)
+            await invoke(process, b'{"hang":1}\n', timeout=timeout)
         assert time.monotonic() - began >= timeout * 0.9  # a lower bound: slowness only adds
         await process.stop(1)
 
@@ -186,7 +196,7 @@ def test_lines_of_one_loop_turn_share_one_write(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         process = await started(script(tmp_path, BATCHES))
-        futures = [asyncio.ensure_future(process.invoke(b"%d\n" % n)) for n in range(DEPTH)]
+        futures = [asyncio.ensure_future(invoke(process, b"%d\n" % n)) for n in range(DEPTH)]
         results = [json.loads(r) for r in await asyncio.gather(*futures)]
         assert results == [{"line": n, "read_with": DEPTH} for n in range(DEPTH)]
         await process.stop(1)
@@ -195,15 +205,15 @@ def test_lines_of_one_loop_turn_share_one_write(tmp_path: Path) -> None:
 
 
 def test_crash_in_a_batch(tmp_path: Path) -> None:
-    """Lines answered before a crash keep their results; the one that crashed fails; later ones are Unstarted."""
+    """Lines answered before a crash keep their results; the one that crashed fails; later ones are NOT_STARTED."""
 
     async def scenario() -> None:
         process = await started(script(tmp_path, BATCHES))
         lines = [b"1\n", b'{"die":1}\n', b"3\n"]
-        outcomes = await asyncio.gather(*(process.invoke(line) for line in lines), return_exceptions=True)
+        outcomes = await asyncio.gather(*(invoke(process, line) for line in lines), return_exceptions=True)
         assert json.loads(outcomes[0])["line"] == 1  # type: ignore[arg-type]
         assert type(outcomes[1]) is ActionExited
-        assert [type(o) for o in outcomes[2:]] == [Unstarted]
+        assert outcomes[2:] == [NOT_STARTED]
         await process.stop(1)
 
     asyncio.run(scenario())

@@ -114,11 +114,20 @@ def activate(entry: Entry, line: bytes) -> bytes:
     return encode(result)
 
 
-def serve(entry: Entry, requests: BinaryIO, results: int) -> None:
-    """Answer every stdin line with one result line (fd `results`), until stdin closes."""
+def serve(entry: Entry, requests: BinaryIO, results: int, key: bytes = b"") -> None:
+    """Answer every stdin line with one result line (fd `results`), until stdin closes.
+
+    With a `key` (from the server, see actionloop's core.py) each line starts
+    with its number, `17 {...}`, and the result goes back as `KEY 17 {...}`:
+    the server delivers no line it cannot pair with the activation it sent.
+    """
     stdout, stderr, write = sys.stdout, sys.stderr, os.write
+    tag = b""
     for line in requests:
-        result = activate(entry, line)
+        if key:
+            number = line.find(b" ") + 1
+            tag, line = key + b" " + line[:number], line[number:]
+        result = tag + activate(entry, line)
         # Logs first, then the result: the server writes the end-of-activation
         # sentinel as soon as it reads the result.
         stdout.flush()
@@ -129,6 +138,8 @@ def serve(entry: Entry, requests: BinaryIO, results: int) -> None:
 
 def main(name: str = "main") -> None:
     """Entry of the `exec` stub that prepare writes into the action folder."""
+    # The key is this process's alone: the action and its children never see it.
+    key = os.environ.pop("ACTIONLOOP_RESULT_KEY", "").encode()
     folder = os.path.dirname(os.path.abspath(sys.argv[0]))
     activate_virtualenv(folder)
     entry = load(folder, name)
@@ -136,4 +147,4 @@ def main(name: str = "main") -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.write(3, b'{"ok": true}\n')
-    serve(entry, sys.stdin.buffer, 3)
+    serve(entry, sys.stdin.buffer, 3, key)

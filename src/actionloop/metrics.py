@@ -13,18 +13,9 @@ import collections
 from collections.abc import Iterator
 from typing import Any
 
-from .errors import ActionExited, ActionLoopError, ActionTimeout, BadResult, StartError
-
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# Error kinds, by whose fault (see errors.py); handshake refusals have their own.
-KINDS = {ActionExited: "command_exited", ActionTimeout: "timeout", BadResult: "bad_result", StartError: "start_failed"}
-
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-
-
-def kind_of(exc: ActionLoopError) -> str:
-    return KINDS.get(type(exc), "other")
 
 
 class Metrics:
@@ -42,6 +33,7 @@ class Metrics:
         self.latency_sum = 0.0
 
     def error(self, kind: str) -> None:
+        """Count a failure of this kind (an error class's `kind`, or a handshake refusal's)."""
         self.errors[kind] += 1
 
     def restarted(self) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import protocol
-from .errors import RequestError
+from .errors import Forbidden, RequestError
 
 NO_CODE = "Missing main/no code to execute."
 ALREADY_INITIALISED = "Cannot initialize the action more than once."
@@ -44,7 +44,7 @@ def parse_init(body: bytes) -> InitRequest:
         raise RequestError("The init request's value is not a JSON object.")
     code = value.get("code") or ""
     if not isinstance(code, str) or not code:
-        raise RequestError(NO_CODE, 403)
+        raise Forbidden(NO_CODE)
     binary = value.get("binary") is True
     env = value.get("env") or {}
     if not isinstance(env, dict):

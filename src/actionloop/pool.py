@@ -1,19 +1,20 @@
 """Which action process serves which activation.
 
-- `Shared` is the reference's model made safe: one action process for every
-  caller, one activation at a time, callers served in arrival order (a FIFO
-  queue), so replies never cross between connections (SPEC.md part C).
-- `Pool` is several `Shared` runners; each activation takes the one idle the
+- `Single` is one action process and its callers, served in arrival order
+  (a FIFO queue), one activation at a time: the reference's model made safe,
+  replies never cross (SPEC.md part C). The `shared` mode is one `Single`
+  for every caller; the `connection` mode, one `Single` per connection (the
+  runtime creates and closes them).
+- `Pool` is several `Single`s; each activation takes the one idle the
   longest, so activations from different callers run in parallel.
-- Per-connection processes (the `connection` mode) are a `Shared` runner per
-  connection; the runtime creates and closes them.
 
 A process that died is replaced from the same prepared code at once.
 
 Activations are handed on with `submit(line, timeout, done)`: `done` hears
 the result or the error, once. No task or lock stands between a message and
 its process; `process.settled` awaits the same for callers that want a
-coroutine.
+coroutine. Every completion is called through `process.complete`, so one
+that raises is reported and affects its own caller only.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from .errors import ActionExited, ActionLoopError, Unstarted
-from .process import ActionProcess, Done
+from .core import NotStarted
+from .errors import ActionExited, ActionLoopError
+from .process import ActionProcess, Outcome, complete
 
 Starter = Callable[[], Awaitable[ActionProcess]]
-Job = tuple[bytes, "float | None", Done]
+# Told the outcome of one activation handed to a Runner: never NOT_STARTED.
+Finished = Callable[[bytes | ActionLoopError], None]
+Job = tuple[bytes, "float | None", Finished]
 
 MODES = ("shared", "pool", "connection")
 
@@ -42,12 +46,12 @@ class Runner(Protocol):
     def failure(self) -> str | None: ...
 
     async def open(self) -> None: ...
-    def submit(self, line: bytes, timeout: float | None, done: Done) -> None: ...
+    def submit(self, line: bytes, timeout: float | None, done: Finished) -> None: ...
     async def close(self) -> None: ...
 
 
-class Shared:
-    """One action process shared by all callers, activations one after another.
+class Single:
+    """One action process and its callers, activations one after another.
 
     Activations wait in a FIFO queue. Up to process.DEPTH of them are in the
     process's hands at once (the one the action works on, the next ones
@@ -70,12 +74,20 @@ class Shared:
 
     async def open(self) -> None:
         """Start the first process; StartError says why it could not."""
-        self._process = await self._start()
+        self._process = await self._started()
 
-    def submit(self, line: bytes, timeout: float | None, done: Done) -> None:
+    async def _started(self) -> ActionProcess:
+        process = await self._start()
+        process.on_exit = self._exited  # an idle process that dies is replaced at once
+        return process
+
+    def _exited(self) -> None:
+        self._pump(eager=not self._closed)
+
+    def submit(self, line: bytes, timeout: float | None, done: Finished) -> None:
         """Queue one activation; `done` hears its outcome once it has run."""
         if self._closed:
-            done(ActionExited())
+            complete(done, ActionExited())
             return
         self._queue.append((line, timeout, done))
         self._pump()
@@ -106,17 +118,19 @@ class Shared:
         elif not self._queue and not self._in_flight and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
-    def _answered(self, job: Job, outcome: bytes | ActionLoopError) -> None:
+    def _answered(self, job: Job, outcome: Outcome) -> None:
         self._in_flight -= 1
-        if isinstance(outcome, Unstarted) and not self._closed:
-            # The action never began it: the next process gets it first.
-            self._queue.appendleft(job)
-            self._pump(eager=True)
-            return
+        if isinstance(outcome, NotStarted):
+            if not self._closed:
+                # The action never began it: the next process gets it first.
+                self._queue.appendleft(job)
+                self._pump(eager=True)
+                return
+            outcome = ActionExited()
         # Queued activations move up before this reply goes out; a process
         # that died is replaced now, not when the next caller arrives.
         self._pump(eager=True)
-        job[2](outcome)
+        complete(job[2], outcome)
 
     async def _replace(self) -> None:
         old, self._process = self._process, None
@@ -124,7 +138,7 @@ class Shared:
             if old is not None:
                 await old.stop(0)
                 self._on_restart()
-            self._process = await self._start()
+            self._process = await self._started()
             self.failure = None
         except ActionLoopError as exc:
             self.failure = exc.message
@@ -136,7 +150,7 @@ class Shared:
     def _fail_queued(self, error: ActionLoopError) -> None:
         queued, self._queue = self._queue, collections.deque()
         for _, _, done in queued:
-            done(error)
+            complete(done, error)
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -157,8 +171,8 @@ class Pool:
     """Several action processes; an activation runs on the one idle the longest."""
 
     def __init__(self, start: Starter, size: int, stop_grace: float, on_restart: Callable[[], None] = _nothing) -> None:
-        self._members = [Shared(start, stop_grace, on_restart) for _ in range(max(1, size))]
-        self._idle: collections.deque[Shared] = collections.deque()
+        self._members = [Single(start, stop_grace, on_restart) for _ in range(max(1, size))]
+        self._idle: collections.deque[Single] = collections.deque()
         self._queue: collections.deque[Job] = collections.deque()
 
     @property
@@ -174,7 +188,7 @@ class Pool:
             raise failed[0]
         self._idle.extend(self._members)
 
-    def submit(self, line: bytes, timeout: float | None, done: Done) -> None:
+    def submit(self, line: bytes, timeout: float | None, done: Finished) -> None:
         """Hand the activation to an idle process, or queue it (FIFO between callers)."""
         if self._idle:
             member = self._idle.popleft()
@@ -182,13 +196,13 @@ class Pool:
         else:
             self._queue.append((line, timeout, done))
 
-    def _answered(self, member: Shared, done: Done, outcome: bytes | ActionLoopError) -> None:
+    def _answered(self, member: Single, done: Finished, outcome: bytes | ActionLoopError) -> None:
         if self._queue:
             line, timeout, waiting = self._queue.popleft()
             member.submit(line, timeout, functools.partial(self._answered, member, waiting))
         else:
             self._idle.append(member)
-        done(outcome)
+        complete(done, outcome)
 
     async def close(self) -> None:
         await asyncio.gather(*(m.close() for m in self._members))

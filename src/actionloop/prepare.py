@@ -20,6 +20,8 @@ from .errors import PrepareError
 LAUNCHER = "actionloop_launcher.py"
 # Present in a folder whose `exec` always acknowledges start-up on fd 3.
 ACK_MARKER = "exec.ack"
+# Present in a folder whose `exec` is our launcher, which tags its results (core.py).
+TAG_MARKER = "exec.tagged"
 EXEC_ENV = "exec.env"
 
 STUB = """#!{python}
@@ -76,6 +78,7 @@ def _prepare_python(src: Path, dest: Path, main: str) -> None:
     (dest / "exec").write_text(STUB.format(python=sys.executable, main=main))
     (dest / "exec").chmod(0o755)
     (dest / ACK_MARKER).touch()
+    (dest / TAG_MARKER).touch()
     _save_bytecode(dest / LAUNCHER, dest / "__main__.py")
 
 

@@ -1,16 +1,15 @@
-"""One action process: spawn with fd 3, acknowledge, activate, stop.
+"""One action process: spawn with fd 3, move its bytes, time it, stop it.
 
 This module owns every OS handle of an action process: its stdin pipe, its
 result pipe (fd 3 in the child), its pidfd and its process group. The child's
 stdout and stderr are the server's own, as OpenWhisk collects them as the
-action's logs (SPEC.md part A).
+action's logs (SPEC.md part A). Which result belongs to which activation is
+the protocol's business, not this module's: see core.py.
 
 Life of a process, one table (the only transitions there are):
 
     STARTING -> READY     the ack arrived (or, without ack, it did not die)
-    READY    -> BUSY      an activation line was written
-    BUSY     -> READY     the result line of the last one in flight was read
-    any      -> DEAD      the process exited, or was killed for a timeout
+    any      -> DEAD      it exited, broke the protocol, or was killed for a timeout
     any      -> STOPPED   stop() was called; nothing follows
 """
 
@@ -21,25 +20,30 @@ import collections
 import enum
 import fcntl
 import functools
+import logging
 import os
+import secrets
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 from . import protocol
-from .errors import ActionExited, ActionLoopError, ActionTimeout, BadResult, StartError, Unstarted
+from .core import DEPTH, NOT_STARTED, LineProtocol, Outcome, Phase
+from .errors import ActionExited, ActionLoopError, ActionTimeout, StartError
 
-# Told the outcome of one activation: the result line, or why there is none.
-Done = Callable[[bytes | ActionLoopError], None]
+__all__ = ["DEPTH", "NOT_STARTED", "ActionProcess", "Done", "Outcome", "complete", "settled"]
 
-# Activation lines in flight at once: the one the action works on and those
-# already waiting in its stdin, so the action goes on without sleeping. The
-# action still takes them one at a time, in order (ActionLoop protocol). Lines
-# submitted in one turn of the event loop go into the pipe in one write, so a
-# busy action wakes once for several messages instead of once for each.
-DEPTH = 8
+# Told the outcome of one activation: the result line, why there is none, or
+# NOT_STARTED (the process died before the action began it: send it again).
+Done = Callable[[Outcome], None]
+Job = tuple["float | None", Done]  # an activation in flight: its timeout, its completion
+T = TypeVar("T")
 
+# Our launcher finds the key it tags its results with here (core.py).
+RESULT_KEY = "ACTIONLOOP_RESULT_KEY"
 ABRUPT_EXIT = "Command exited abruptly during initialization."
 # Without an ack, a process still alive after this long counts as started.
 NO_ACK_PROBE = 0.05
@@ -51,18 +55,20 @@ EOF_GRACE = 0.2
 class State(enum.Enum):
     STARTING = "starting"
     READY = "ready"
-    BUSY = "busy"
     DEAD = "dead"
     STOPPED = "stopped"
 
 
 TRANSITIONS = {
     State.STARTING: {State.READY, State.DEAD, State.STOPPED},
-    State.READY: {State.BUSY, State.DEAD, State.STOPPED},
-    State.BUSY: {State.READY, State.DEAD, State.STOPPED},
+    State.READY: {State.DEAD, State.STOPPED},
     State.DEAD: {State.DEAD, State.STOPPED},
     State.STOPPED: {State.STOPPED},
 }
+
+
+def _nothing() -> None:
+    return None
 
 
 def _above_stdio(fd: int) -> int:
@@ -104,109 +110,60 @@ def spawn(exec_path: Path, env: Mapping[str, str]) -> tuple[subprocess.Popen[byt
     return child, stdin_w, results_r
 
 
-class LineReader(asyncio.Protocol):
-    """Lines from the result pipe (fd 3), with no stream layers in between.
+class ResultPipe(asyncio.Protocol):
+    """Our end of the action's fd 3: every byte goes to the process's conversation."""
 
-    Until `listen` is called lines queue up for `readline` (the start-up ack);
-    after it each line goes straight to a callback, and so does the end of
-    the pipe or a line over the limit.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.lines: collections.deque[bytes] = collections.deque()
-        self.buffer = bytearray()
-        self.eof = False
-        self.overflow = False
-        self.waiter: asyncio.Future[None] | None = None
+    def __init__(self, process: ActionProcess) -> None:
+        self.process = process
         self.transport: asyncio.BaseTransport | None = None
-        self.on_line: Callable[[bytes], None] | None = None
-        self.on_end: Callable[[], None] | None = None
-
-    def listen(self, on_line: Callable[[bytes], None], on_end: Callable[[], None]) -> None:
-        """From now on, lines go to `on_line`; the end or an overflow to `on_end`."""
-        self.lines.clear()  # nobody asked for them: they belong to no activation
-        self.on_line, self.on_end = on_line, on_end
-        if self.eof or self.overflow:
-            on_end()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        if not self.buffer and data.endswith(b"\n") and data.count(b"\n") == 1:
-            lines = [data]  # the usual case: exactly one whole line
-        elif b"\n" in data:
-            self.buffer += data
-            *parts, rest = self.buffer.split(b"\n")
-            lines = [bytes(part) + b"\n" for part in parts]
-            self.buffer = bytearray(rest)
-        else:
-            lines = []
-            self.buffer += data
-        if self.on_line is None:
-            self.lines.extend(lines)
-        else:
-            for line in lines:
-                self.on_line(line)
-        if len(self.buffer) > self.limit and not self.overflow:
-            self.overflow = True
-            self._end()
-        elif self.on_line is None:
-            self._wake()
+        self.process._received(data)
 
     def eof_received(self) -> bool:
-        self.feed_eof()
+        self.process._pipe_closed()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.feed_eof()
-
-    def feed_eof(self) -> None:
-        if not self.eof:
-            self.eof = True
-            self._end()
-
-    def _end(self) -> None:
-        if self.on_end is not None:
-            self.on_end()
-        else:
-            self._wake()
-
-    def _wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def readline(self) -> bytes:
-        """The next line with its newline; b"" once the pipe is closed; ValueError if over the limit."""
-        while not self.lines:
-            if self.overflow:
-                raise ValueError("result line over the limit")
-            if self.eof:
-                return b""
-            self.waiter = asyncio.get_running_loop().create_future()
-            await self.waiter
-        return self.lines.popleft()
+        self.process._pipe_closed()
 
 
 class ActionProcess:
-    """A running action program that answers one activation at a time."""
+    """A running action program that answers its activations one at a time.
 
-    def __init__(self, exec_path: Path, env: Mapping[str, str], max_result: int) -> None:
+    Which result belongs to which activation is decided by its LineProtocol
+    (core.py); this class only moves the bytes, keeps the time and reaps.
+    `tagged`: the program is our launcher, which tags its results.
+    """
+
+    def __init__(
+        self,
+        exec_path: Path,
+        env: Mapping[str, str],
+        max_result: int,
+        *,
+        ack: bool = False,
+        tagged: bool = False,
+    ) -> None:
+        key = secrets.token_hex(8) if tagged else ""
         self.exec_path = exec_path
-        self.env = env
-        self.max_result = max_result
+        self.env = {**env, RESULT_KEY: key} if tagged else env
         self.state = State.STARTING
         self.returncode: int | None = None
+        self._core: LineProtocol[Job] = LineProtocol(max_result, ack, key.encode())
+        self.on_exit: Callable[[], None] = _nothing  # told once the process has been reaped
         self._child: subprocess.Popen[bytes] | None = None
         self._exited: asyncio.Future[None] | None = None
-        self._results = LineReader(max_result)
+        self._ready: asyncio.Future[None] | None = None  # the conversation left STARTING
+        self._results = ResultPipe(self)
         self._stdin = -1
         self._timed_out = False
         self._timeout: float | None = None  # of the activation the action works on
         self._deadline: float | None = None  # loop time that activation must end by
         self._timer: asyncio.TimerHandle | None = None
-        self._inflight: collections.deque[tuple[float | None, Done]] = collections.deque()
         self._outbox: collections.deque[memoryview] = collections.deque()  # not yet in the pipe
         self._flushing = False  # a write of the outbox is due in this turn of the loop
         self._loop: asyncio.AbstractEventLoop  # the one start() ran in
@@ -219,13 +176,13 @@ class ActionProcess:
 
     @property
     def alive(self) -> bool:
-        return self.state in (State.STARTING, State.READY, State.BUSY)
+        return self.state in (State.STARTING, State.READY)
 
     @property
     def pid(self) -> int | None:
         return self._child.pid if self._child else None
 
-    async def start(self, ack: bool, timeout: float) -> None:
+    async def start(self, timeout: float) -> None:
         """Spawn and wait until ready; raise StartError with the reason."""
         self._loop = loop = asyncio.get_running_loop()
         try:
@@ -234,17 +191,17 @@ class ActionProcess:
             self._become(State.DEAD)
             raise StartError(str(exc)) from exc
         self._exited = loop.create_future()
+        self._ready = loop.create_future()
         self._watch_exit(loop)
         await loop.connect_read_pipe(lambda: self._results, os.fdopen(results_r, "rb", 0))
         os.set_blocking(stdin_w, False)
         self._stdin = stdin_w
         try:
-            await (self._await_ack(timeout) if ack else self._await_survival())
+            await (self._await_ack(timeout) if self._core.ack else self._await_survival())
         except StartError:
             await self.stop(0)
             raise
         self._become(State.READY)
-        self._results.listen(self._on_line, self._on_end)
 
     def _watch_exit(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self._child is not None
@@ -258,65 +215,64 @@ class ActionProcess:
             if self.state is not State.STOPPED:
                 self._become(State.DEAD)
             self._exited.set_result(None)
-            loop.call_later(EOF_GRACE, self._results.feed_eof)
+            loop.call_later(EOF_GRACE, self._pipe_closed)
+            complete(lambda _: self.on_exit(), None)
 
         loop.add_reader(pidfd, reap)
 
     async def _await_ack(self, timeout: float) -> None:
+        assert self._ready is not None
         try:
-            line = await asyncio.wait_for(self._results.readline(), timeout)
+            await asyncio.wait_for(asyncio.shield(self._ready), timeout)
         except TimeoutError as exc:
             raise StartError(f"the action did not acknowledge start-up within {timeout:g}s") from exc
-        except ValueError as exc:
-            raise StartError("the action wrote an over-long line on fd 3 at start-up") from exc
-        if not line.endswith(b"\n"):
-            raise StartError(ABRUPT_EXIT)
-        if not protocol.is_ack(line):
-            raise StartError(f"the action's first line on fd 3 is not an ack: {line[:200]!r}")
+        self._check_started()
 
     async def _await_survival(self) -> None:
         assert self._exited is not None
         try:
             await asyncio.wait_for(asyncio.shield(self._exited), NO_ACK_PROBE)
         except TimeoutError:
+            self._check_started()
+            self._core.running()
             return
         raise StartError(ABRUPT_EXIT)
 
+    def _check_started(self) -> None:
+        if self._core.phase is Phase.ENDED:
+            raise StartError(ABRUPT_EXIT)
+        if self._core.fault is not None:
+            raise StartError(self._core.fault)
+
     @property
     def room(self) -> bool:
-        """Whether another activation line can be sent now."""
-        return self.state in (State.READY, State.BUSY) and len(self._inflight) < DEPTH
+        """Whether another activation line can be sent now (up to DEPTH in flight)."""
+        return self.state is State.READY and self._core.room
 
     def submit(self, line: bytes, timeout: float | None, done: Done) -> None:
         """Send one activation line; `done` gets its result (JSON object or
-        array) or the ActionLoopError that ended it, exactly once.
+        array), the ActionLoopError that ended it, or NOT_STARTED, exactly once.
 
         Up to DEPTH lines may be in flight. Each timeout runs from the moment
         the action gets to that line. If the process dies, the activation it
-        worked on gets the error, and those still waiting get Unstarted, last
-        first (so a caller putting them back at the front of a queue keeps
-        their order).
+        worked on gets the error, and those still waiting get NOT_STARTED,
+        last first (so a caller putting them back at the front of a queue
+        keeps their order).
 
         The end-of-activation sentinel goes to stdout and stderr after every
         activation, answered or not (SPEC.md part A; the reference does too).
-        Nothing here waits: the result arrives through the fd 3 reader.
+        Nothing here waits: the result arrives through the fd 3 pipe.
         """
         if not self.room:
-            done(ActionExited())
+            complete(done, ActionExited())
             return
-        if self.state is State.READY:
-            self._become(State.BUSY)
-        self._inflight.append((timeout, done))
-        if len(self._inflight) == 1:
+        first = not self._core.in_flight
+        self._outbox.extend(map(memoryview, self._core.send(line, (timeout, done))))
+        if first:
             self._start_clock(timeout)
-        self._outbox.append(memoryview(line))
         if not (self._flushing or self._writing):
             self._flushing = True
             self._loop.call_soon(self._flush)
-
-    async def invoke(self, line: bytes, timeout: float | None = None) -> bytes:
-        """`submit`, awaited: the result, or the error raised."""
-        return await settled(functools.partial(self.submit, line, timeout))
 
     def _start_clock(self, timeout: float | None) -> None:
         """The action starts on an activation: its timeout runs from now.
@@ -344,7 +300,7 @@ class ActionProcess:
         except BlockingIOError:
             written = 0
         except OSError:  # EPIPE and friends: the process is gone
-            self._on_end()
+            self._pipe_closed()
             return
         while written:
             if written < len(outbox[0]):
@@ -362,47 +318,54 @@ class ActionProcess:
             self._loop.remove_writer(self._stdin)
         self._writing = False
 
-    def _on_line(self, line: bytes) -> None:
-        if not self._inflight:
-            return  # a line no activation asked for: nobody must read it as theirs
-        _, done = self._inflight.popleft()
-        if self._inflight:
-            self._start_clock(self._inflight[0][0])
+    def _received(self, data: bytes) -> None:
+        """Bytes from fd 3: the conversation says which activations they end."""
+        core = self._core
+        outcomes = core.receive_data(data)
+        if core.fault is not None and self.state is not State.STOPPED:
+            self._broken(core.fault)
+        if self._ready is not None and not self._ready.done() and core.phase is not Phase.STARTING:
+            self._ready.set_result(None)
+        if outcomes:
+            self._deliver(outcomes)
+
+    def _broken(self, fault: str) -> None:
+        """The action broke the protocol: say so, and kill it (SPEC.md part C)."""
+        if self.state is State.READY:
+            sys.stderr.write(f"actionloop: action process {self.pid}: {fault}; it is restarted\n")
+            sys.stderr.flush()
+            self._become(State.DEAD)
+        self._signal(signal.SIGKILL)
+        self._deadline = None
+
+    def _deliver(self, outcomes: list[tuple[Job, Outcome]]) -> None:
+        in_flight = self._core.in_flight
+        if in_flight:
+            self._start_clock(in_flight[0][0][0])
         else:
             self._deadline = None
-            if self.state is State.BUSY:  # it may have exited just after answering
-                self._become(State.READY)
-        try:
-            outcome: bytes | ActionLoopError = protocol.check_result(line)
-        except protocol.JSON_ERRORS:
-            outcome = BadResult()
-        write_sentinels()
-        done(outcome)
+        for (_, done), outcome in outcomes:
+            if outcome is not NOT_STARTED:
+                write_sentinels()
+            complete(done, outcome)
 
-    def _on_end(self) -> None:
-        """fd 3 closed (the process is gone, even if not yet reaped), overflowed, or stdin broke."""
-        if self._results.overflow and not self._results.eof:
-            # An over-long result leaves the pipe mid-line: this process is done.
-            self._signal(signal.SIGKILL)
-            error: ActionLoopError = BadResult()
-        elif self._timed_out:
-            error = ActionTimeout(f"the action did not answer within {self._timeout:g}s")
+    def _pipe_closed(self) -> None:
+        """fd 3 closed (the process is gone, even if not yet reaped), or stdin broke."""
+        if self._core.phase is Phase.ENDED:
+            return
+        if self._timed_out:
+            error: ActionLoopError = ActionTimeout(f"the action did not answer within {self._timeout:g}s")
         else:
             error = ActionExited()
-        if self.alive:
+        if self.alive and self.state is not State.STARTING:
             self._become(State.DEAD)
         self._stop_writing()
         self._outbox.clear()
         self._deadline = None
-        if not self._inflight:
-            return
-        _, done = self._inflight.popleft()
-        waiting = [done for _, done in self._inflight]
-        self._inflight.clear()
-        write_sentinels()
-        done(error)
-        for done in reversed(waiting):
-            done(Unstarted())
+        outcomes = self._core.receive_eof(error)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)
+        self._deliver(outcomes)
 
     def _expire(self) -> None:
         """Kill the process if the activation it works on is past its deadline; its pipe closing ends the wait."""
@@ -415,7 +378,7 @@ class ActionProcess:
             return
         self._timed_out = True
         self._signal(signal.SIGKILL)
-        self._results.feed_eof()
+        self._pipe_closed()
 
     async def kill(self) -> None:
         """Kill the process group now and wait for the process to be reaped."""
@@ -454,7 +417,7 @@ class ActionProcess:
             self._stdin = -1
         if self._results.transport is not None:
             self._results.transport.close()
-        self._results.feed_eof()
+        self._pipe_closed()
 
 
 def write_sentinels() -> None:
@@ -466,6 +429,23 @@ def write_sentinels() -> None:
             pass
 
 
+def complete(done: Callable[[T], None], outcome: T) -> None:
+    """Hand `outcome` to a completion this module does not own.
+
+    If it raises, the error is reported through the event loop's exception
+    handler (or the log) and goes no further: the caller whose completion it
+    was is the only one affected, and whoever hands out outcomes goes on.
+    """
+    try:
+        done(outcome)
+    except Exception as exc:  # noqa: BLE001 - reported, not swallowed
+        context = {"message": f"an activation's completion raised: {exc!r}", "exception": exc}
+        try:
+            asyncio.get_running_loop().call_exception_handler(context)
+        except RuntimeError:
+            logging.getLogger("actionloop").exception(context["message"])
+
+
 async def settled(submit: Callable[[Done], None]) -> bytes:
     """Await an activation handed to a `submit(done)`: the result, or raise its error.
 
@@ -474,9 +454,9 @@ async def settled(submit: Callable[[Done], None]) -> bytes:
     """
     future: asyncio.Future[bytes | ActionLoopError] = asyncio.get_running_loop().create_future()
 
-    def done(outcome: bytes | ActionLoopError) -> None:
+    def done(outcome: Outcome) -> None:
         if not future.done():
-            future.set_result(outcome)
+            future.set_result(ActionExited() if outcome is NOT_STARTED else outcome)  # type: ignore[arg-type]
 
     submit(done)
     outcome = await future

@@ -13,26 +13,22 @@ import itertools
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from . import __version__, archive, protocol
 from .config import Config
-from .errors import ActionLoopError, PrepareError, RequestError, StartError
-from .metrics import Metrics, kind_of
+from .errors import ActionLoopError, Forbidden, NoAction, PrepareError, RequestError, StartError, Unavailable
+from .metrics import Metrics
 from .payloads import ALREADY_INITIALISED, InitRequest
-from .pool import Pool, Runner, Shared, Starter
-from .prepare import ACK_MARKER, EXEC_ENV, discard, prepare
-from .process import ActionProcess, Done, settled, write_sentinels
+from .pool import Finished, Pool, Runner, Single, Starter
+from .prepare import ACK_MARKER, EXEC_ENV, TAG_MARKER, discard, prepare
+from .process import ActionProcess, complete, settled, write_sentinels
 
-NO_ACTION = "no action defined yet"
 PREPARE_FAILED_LOGGED = "The action failed to generate or locate a binary. See logs for details."
 START_FAILED_LOGGED = "Cannot start action. Check logs for details."
 ENV_MISMATCH = "Execution environment version mismatch. See logs for details."
-
-# Told the bytes to send back for one WebSocket message.
-Reply = Callable[[bytes], None]
 
 
 def log(message: str) -> None:
@@ -88,7 +84,7 @@ class Runtime:
         """Refuse a second /init unless debugging (the reference logs it too)."""
         if self.initialized and not self.config.debug:
             log(ALREADY_INITIALISED)
-            raise RequestError(ALREADY_INITIALISED, 403)
+            raise Forbidden(ALREADY_INITIALISED)
 
     async def init(self, request: InitRequest) -> None:
         """Unpack, prepare and start an action; raise with the reply to give."""
@@ -115,7 +111,7 @@ class Runtime:
         restarted = self.metrics.restarted
         if self.config.mode == "pool":
             return Pool(start, self.config.processes, self.config.stop_grace, restarted)
-        return Shared(start, self.config.stop_grace, restarted)
+        return Single(start, self.config.stop_grace, restarted)
 
     def _prepare(self, request: InitRequest, folder: Path) -> Path:
         src = folder / "src"
@@ -140,11 +136,12 @@ class Runtime:
     def _starter(self, exec_path: Path, init_env: Mapping[str, str]) -> Starter:
         env = self.action_env(init_env)
         ack = self.config.wait_for_ack or (exec_path.parent / ACK_MARKER).exists()
+        tagged = (exec_path.parent / TAG_MARKER).exists()
 
         async def start() -> ActionProcess:
             self._check_execution_env(exec_path)
-            process = ActionProcess(exec_path, env, self.config.max_result)
-            await process.start(ack, self.config.start_timeout)
+            process = ActionProcess(exec_path, env, self.config.max_result, ack=ack, tagged=tagged)
+            await process.start(self.config.start_timeout)
             return process
 
         return start
@@ -170,69 +167,69 @@ class Runtime:
             raise StartError(ENV_MISMATCH)
 
     async def run(self, body: dict[str, Any]) -> bytes:
-        """One /run activation: the body, encoded anew, is the stdin line."""
-        if self.runner is None:
-            raise ActionLoopError(NO_ACTION, 500)
-        async with self._run_lock:
-            line = protocol.run_line(body)
-            return await settled(functools.partial(self._submit, self.runner, line, None))
+        """One /run activation, awaited: the result, or the error raised.
 
-    def _submit(self, runner: Runner, line: bytes, timeout: float | None, done: Done) -> None:
-        """Hand an activation to `runner`, counting its latency and failures."""
+        /run keeps OpenWhisk's one activation at a time, whatever the mode.
+        """
+        if self.runner is None:
+            raise NoAction()
+        async with self._run_lock:
+            return await settled(functools.partial(self.activate, body, None))
+
+    def activate(
+        self, body: dict[str, Any], timeout: float | None, done: Finished, runner: Runner | None = None
+    ) -> None:
+        """The one entry for an activation, from any transport.
+
+        The body (`value` and the per-activation keys) is encoded anew as the
+        stdin line; `runner` is a connection's own, else the action's. `done`
+        hears the result line or the ActionLoopError, once; latency and
+        failures are counted here.
+        """
+        runner = runner or self.runner
+        if runner is None:
+            self.metrics.error(NoAction.kind)
+            complete(done, NoAction())
+            return
+        try:
+            line = protocol.run_line(body)
+        except protocol.JSON_ERRORS as exc:
+            self.metrics.error("bad_json")
+            complete(done, RequestError(f"The message cannot be passed on as JSON: {exc}"))
+            return
         started = time.perf_counter()
         metrics = self.metrics
 
         def answered(outcome: bytes | ActionLoopError) -> None:
             metrics.observe(time.perf_counter() - started)
             if isinstance(outcome, ActionLoopError):
-                metrics.error(kind_of(outcome))
+                metrics.error(outcome.kind)
             done(outcome)
 
         runner.submit(line, timeout, answered)
+
+    def activation_meta(self, connection: str) -> dict[str, str]:
+        """The per-activation keys of a WebSocket message (SPEC.md part C)."""
+        meta = {"activation_id": next(self._activation_ids), "connection_id": connection}
+        timeout = self.config.message_timeout
+        if timeout:
+            # OpenWhisk's deadline: epoch milliseconds, as a string.
+            meta["deadline"] = str(int((time.time() + timeout) * 1000))
+        return meta
 
     def session(self, connection: str) -> Session:
         """A WebSocket connection's view of the action (SPEC.md part C modes).
 
         In connection mode the connection gets a process of its own, started
         by `Session.open` and stopped by `Session.close`; past
-        OW_MAX_PROCESSES a 503 says no at once.
+        OW_MAX_PROCESSES, Unavailable says no at once.
         """
         if self.config.mode != "connection" or self._start is None:
             return Session(self, connection, None)
         if self.own_processes >= self.config.max_processes:
-            raise ActionLoopError("Too many connections with their own action process; try again later.", 503)
+            raise Unavailable("Too many connections with their own action process; try again later.")
         self.own_processes += 1
-        return Session(self, connection, Shared(self._start, self.config.stop_grace, self.metrics.restarted))
-
-    def message(self, data: str | bytes, connection: str, runner: Runner | None, reply: Reply) -> None:
-        """One WebSocket message; `reply` gets what to send back, a result or an error."""
-        try:
-            value = protocol.loads(data)
-        except protocol.JSON_ERRORS as exc:
-            self.metrics.error("bad_json")
-            reply(protocol.error(f"The message is not valid JSON: {exc}"))
-            return
-        runner = runner or self.runner
-        if runner is None:
-            self.metrics.error("no_action")
-            reply(protocol.error(NO_ACTION))
-            return
-        timeout = self.config.message_timeout or None
-        meta = {"activation_id": next(self._activation_ids), "connection_id": connection}
-        if timeout:
-            # OpenWhisk's deadline: epoch milliseconds, as a string.
-            meta["deadline"] = str(int((time.time() + timeout) * 1000))
-        try:
-            line = protocol.run_line(protocol.message_body(value, meta))
-        except protocol.JSON_ERRORS as exc:
-            self.metrics.error("bad_json")
-            reply(protocol.error(f"The message cannot be passed on as JSON: {exc}"))
-            return
-
-        def answered(outcome: bytes | ActionLoopError) -> None:
-            reply(protocol.error(outcome.message) if isinstance(outcome, ActionLoopError) else outcome)
-
-        self._submit(runner, line, timeout, answered)
+        return Session(self, connection, Single(self._start, self.config.stop_grace, self.metrics.restarted))
 
     async def autoinit(self, path: str, main: str) -> None:
         """Initialise from a file as if it came to /init (SPEC.md part B)."""
@@ -272,5 +269,8 @@ class Session:
             await self.runner.close()
             self.runtime.own_processes -= 1
 
-    def message(self, data: str | bytes, reply: Reply) -> None:
-        self.runtime.message(data, self.connection, self.runner, reply)
+    def activate(self, value: Any, done: Finished) -> None:
+        """One message of this connection, with its own keys, to its runner."""
+        runtime = self.runtime
+        body = protocol.message_body(value, runtime.activation_meta(self.connection))
+        runtime.activate(body, runtime.config.message_timeout or None, done, self.runner)

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from . import payloads, protocol, websocket
 from .config import Config
-from .errors import ActionLoopError
+from .errors import ActionLoopError, TooLarge
 from .metrics import CONTENT_TYPE
 from .runtime import Runtime
 from .websocket import Sockets
@@ -37,7 +37,7 @@ async def read_body(request: web.Request) -> bytes:
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
-        raise ActionLoopError(f"The request body is larger than {request.client_max_size} bytes.", 413) from exc
+        raise TooLarge(f"The request body is larger than {request.client_max_size} bytes.") from exc
 
 
 async def handle_init(request: web.Request) -> web.Response:

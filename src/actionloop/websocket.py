@@ -1,51 +1,27 @@
-"""The WebSocket endpoint: handshake checks, continuous mode, graceful drain.
+"""The WebSocket endpoint: continuous mode and graceful drain.
 
 picows frames every WebSocket connection. The front door (listener.py) hands
 it a connection whose first request is an upgrade at OW_WEBSOCKET's path; so
-does aiohttp for the rare upgrade on a connection it has served before.
-
-Handshake (SPEC.md parts B and C), refused before the upgrade:
-  400 not a WebSocket handshake; 403 another site's Origin;
-  401 no token / 403 wrong token (when one is set);
-  503 too many connections, too many per-connection processes, or draining.
+does aiohttp for the rare upgrade on a connection it has served before. The
+rules for accepting a handshake are handshake.py's; this module parses each
+message, hands it to the runtime and formats the reply (SPEC.md part B).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import hmac
-import importlib.util
 import itertools
 import logging
 import sys
 import time
 import urllib.parse
-from collections.abc import Mapping
 from typing import Any
 
 from . import protocol
-from .config import Config
-from .errors import ActionLoopError
-from .runtime import Runtime, Session
-
-
-def _bare_picows() -> None:
-    """Register the picows package without running its __init__.
-
-    That __init__ also loads picows' client side (proxies through python_socks,
-    aiofastnet, TLS helpers): about 50 ms of every cold start, for code a
-    server never calls. The two modules imported below are all the server
-    side needs (picows is pinned to 2.3.x, whose layout this relies on).
-    """
-    spec = importlib.util.find_spec("picows")
-    if spec is not None and "picows" not in sys.modules:
-        sys.modules["picows"] = importlib.util.module_from_spec(spec)
-
-
-_bare_picows()
-from picows.common import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
-from picows.picows import (  # type: ignore[attr-defined]  # WSProtocol is not in picows' stubs
+from .errors import ActionLoopError, RequestError
+from .handshake import SUBPROTOCOL, offered_subprotocols, refusal
+from .picows_server import (
     WSAutoPingStrategy,
     WSCloseCode,
     WSFrame,
@@ -53,10 +29,12 @@ from picows.picows import (  # type: ignore[attr-defined]  # WSProtocol is not i
     WSMsgType,
     WSProtocol,
     WSTransport,
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
 )
+from .runtime import Runtime, Session
 
-SUBPROTOCOL = "actionloop"
-TOKEN_SUBPROTOCOL = "bearer."
 GOING_AWAY = b"server shutting down"
 # Bytes of messages taken off a socket while one is being answered, at most.
 READ_AHEAD = 64 * 1024
@@ -85,78 +63,6 @@ class Sockets:
                 conversation.transport.disconnect(graceful=False)
 
 
-DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
-
-
-def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
-    """Compare the browser's Origin (not Host) with the allow-list (SPEC.md B).
-
-    An entry with a scheme must match scheme, host and port; a bare host name
-    matches that host on any scheme and port. No Origin: not a browser, allowed.
-    """
-    if not allowed or origin is None:
-        return True
-    try:
-        url = urllib.parse.urlsplit(origin)
-        port = url.port or DEFAULT_PORTS.get(url.scheme)
-    except ValueError:
-        return False
-    if not url.hostname:
-        return False
-    for entry in allowed:
-        if "://" in entry:
-            wanted = urllib.parse.urlsplit(entry)
-            wanted_port = wanted.port or DEFAULT_PORTS.get(wanted.scheme)
-            if (wanted.scheme, wanted.hostname, wanted_port) == (url.scheme, url.hostname, port):
-                return True
-        elif entry.lower() == url.hostname:
-            return True
-    return False
-
-
-def offered_subprotocols(headers: Mapping[str, str]) -> list[str]:
-    return [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
-
-
-def presented_token(headers: Mapping[str, str], query: Mapping[str, list[str]]) -> str | None:
-    """The token from `Authorization: Bearer`, `?token=`, or a `bearer.` subprotocol.
-
-    Browsers cannot set headers on a WebSocket, hence the other two ways.
-    """
-    authorization = headers.get("Authorization", "")
-    if authorization[:7].lower() == "bearer ":
-        return authorization[7:].strip()
-    if "token" in query:
-        return query["token"][0]
-    for offered in offered_subprotocols(headers):
-        if offered.startswith(TOKEN_SUBPROTOCOL):
-            return offered[len(TOKEN_SUBPROTOCOL) :]
-    return None
-
-
-def refusal(
-    headers: Mapping[str, str], query: Mapping[str, list[str]], config: Config, sockets: Sockets
-) -> tuple[int, str, str] | None:
-    """Why this handshake is refused (status, message, metric kind), or None."""
-    if "websocket" not in headers.get("Upgrade", "").lower() or not headers.get("Sec-WebSocket-Key"):
-        return 400, "This path takes WebSocket connections only.", "bad_handshake"
-    if headers.get("Sec-WebSocket-Version") != "13":
-        return 400, "Only WebSocket version 13 is spoken here.", "bad_handshake"
-    if not origin_allowed(headers.get("Origin"), config.origins):
-        return 403, "This origin may not open a WebSocket here.", "origin_refused"
-    if config.token:
-        token = presented_token(headers, query)
-        if token is None:
-            return 401, "A token is required: Authorization: Bearer, ?token= or a bearer. subprotocol.", "unauthorized"
-        if not hmac.compare_digest(token.encode(), config.token.encode()):
-            return 403, "The token is not valid.", "unauthorized"
-    if sockets.draining:
-        return 503, "The server is shutting down.", "draining"
-    if len(sockets.open) >= config.max_connections:
-        return 503, "Too many connections; try again later.", "too_many_connections"
-    return None
-
-
 def log_event(event: str, **fields: Any) -> None:
     """One structured (JSON) line per connection event, on stderr."""
     line = protocol.dumps({"time": round(time.time(), 3), "event": event, **fields})
@@ -176,11 +82,10 @@ def answer_handshake(
     """picows asks: refuse with a status, or accept with a Conversation."""
     headers = request.headers
     target = urllib.parse.urlsplit(request.path.decode("latin-1"))
-    why = refusal(headers, urllib.parse.parse_qs(target.query), runtime.config, sockets)
+    why = refusal(headers, urllib.parse.parse_qs(target.query), runtime.config, len(sockets.open), sockets.draining)
     if why is not None:
-        status, message, kind = why
-        runtime.metrics.error(kind)
-        return refused(status, message, {"WWW-Authenticate": "Bearer"} if status == 401 else None)
+        runtime.metrics.error(why.kind)
+        return refused(why.status, why.message, {"WWW-Authenticate": "Bearer"} if why.status == 401 else None)
     connection = f"ws-{next(_ids)}"
     try:
         session = runtime.session(connection)
@@ -386,11 +291,25 @@ class Conversation(WSListener):
                 self.reply_type = kind  # the reply goes in the frame type of the message
                 self.sockets.busy.add(self)
                 self.metrics.in_flight += 1
-                self.session.message(data, self._reply)
+                self._activate(data)
         finally:
             self.pumping = False
         if self.reading_paused:
             self._flow()
+
+    def _activate(self, data: bytes) -> None:
+        """One message: JSON in, to the action; a reply comes back through `_answered`."""
+        try:
+            value = protocol.loads(data)
+        except protocol.JSON_ERRORS as exc:
+            self.metrics.error("bad_json")
+            self._answered(RequestError(f"The message is not valid JSON: {exc}"))
+            return
+        self.session.activate(value, self._answered)
+
+    def _answered(self, outcome: bytes | ActionLoopError) -> None:
+        """The action's result goes back as it is; an error as `{"error": ...}`."""
+        self._reply(protocol.error(outcome.message) if isinstance(outcome, ActionLoopError) else outcome)
 
     def _reply(self, data: bytes) -> None:
         self.metrics.in_flight -= 1

@@ -1,0 +1,66 @@
+"""The handshake rules (handshake.py), with plain calls: no server."""
+
+from __future__ import annotations
+
+import pytest
+
+from actionloop.config import Config
+from actionloop.handshake import origin_allowed, presented_token, refusal
+
+GOOD = {"Upgrade": "websocket", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13"}
+
+
+def status(
+    headers: dict[str, str], config: Config, query: str = "", open_connections: int = 0, draining: bool = False
+) -> int:
+    parsed = {"token": [query]} if query else {}
+    why = refusal(headers, parsed, config, open_connections, draining)
+    return 101 if why is None else why.status
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed", "ok"),
+    [
+        (None, ("a.example",), True),  # not a browser
+        ("https://a.example", (), True),  # no list: anyone
+        ("https://a.example", ("a.example",), True),
+        ("http://a.example:8080", ("a.example",), True),  # a bare host: any scheme and port
+        ("https://A.example", ("a.example",), True),
+        ("https://evil.example", ("a.example",), False),
+        ("https://a.example.evil.example", ("a.example",), False),
+        ("https://a.example", ("https://a.example",), True),
+        ("https://a.example:443", ("https://a.example",), True),  # default port
+        ("http://a.example", ("https://a.example",), False),  # scheme differs
+        ("https://a.example:8443", ("https://a.example",), False),  # port differs
+        ("null", ("a.example",), False),  # sandboxed frames, file: pages
+        ("https://a.example:99999", ("a.example",), False),  # unparsable port
+        ("https://b.example", ("a.example", "b.example"), True),
+    ],
+)
+def test_origin(origin: str | None, allowed: tuple[str, ...], ok: bool) -> None:
+    """The Origin header, never Host, is compared with the allow-list."""
+    assert origin_allowed(origin, allowed) is ok
+
+
+def test_token_from_each_place() -> None:
+    """Bearer header first, then ?token=, then a bearer. subprotocol."""
+    assert presented_token({"Authorization": "Bearer abc"}, {}) == "abc"
+    assert presented_token({"Authorization": "bearer  abc "}, {}) == "abc"
+    assert presented_token({}, {"token": ["q"]}) == "q"
+    assert presented_token({"Sec-WebSocket-Protocol": "actionloop, bearer.s3"}, {}) == "s3"
+    assert presented_token({"Authorization": "Basic x"}, {}) is None
+
+
+def test_statuses_in_order() -> None:
+    """400 not a handshake, 403 origin, 401/403 token, 503 draining or full; else accepted."""
+    config = Config(origins=("a.example",), token="t0k", max_connections=2)
+    assert status({}, config) == 400
+    assert status({**GOOD, "Sec-WebSocket-Version": "8"}, config) == 400
+    assert status({**GOOD, "Origin": "https://evil.example"}, config, "t0k") == 403
+    assert status(GOOD, config) == 401
+    assert status(GOOD, config, "wrong") == 403
+    assert status(GOOD, config, "t0k") == 101
+    assert status({**GOOD, "Origin": "https://a.example"}, config, "t0k") == 101
+    assert status(GOOD, config, "t0k", draining=True) == 503
+    assert status(GOOD, config, "t0k", open_connections=2) == 503
+    assert status(GOOD, Config()) == 101
