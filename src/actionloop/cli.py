@@ -6,6 +6,7 @@
   prepared action as a zip on stdout), as in the reference proxy.
 - `actionloop serve FILE [--ws PATH] [--main NAME] [--port N]`: run one file
   as a WebSocket server, through the same code path as auto-init.
+- `actionloop kube FILE --name NAME`: print Kubernetes manifests for one file.
 """
 
 from __future__ import annotations
@@ -28,13 +29,34 @@ from .websocket import Sockets, drain
 if TYPE_CHECKING:  # imported where used: a pod started with env only needs neither
     import argparse
 
+COMMANDS = """\
+commands:
+  serve FILE  run an action file as a WebSocket server (actionloop serve -h)
+  kube FILE   print Kubernetes manifests that serve an action file (actionloop kube -h)
+"""
+
+# `serve FILE` with a Python source: the action's `__main__.py` is this, which
+# compiles FILE's bytes under FILE's own name, so tracebacks name FILE, not the
+# temporary copy. The code has lines of its own: a traceback through here shows
+# only the short first line.
+NAMED_SOURCE = """\
+# Written by actionloop serve: {path}, compiled under its own name.
+exec(compile(
+    {code!r},
+    {path!r},
+    "exec",
+))
+"""
+
 
 def entry_parser() -> argparse.ArgumentParser:
     import argparse
 
     parser = argparse.ArgumentParser(
         prog="actionloop",
-        description="OpenWhisk ActionLoop runtime with a WebSocket mode (see also: actionloop serve -h, kube -h)",
+        description="OpenWhisk ActionLoop runtime with a WebSocket mode.",
+        epilog=COMMANDS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
     # Single-dash spellings are the reference proxy's; double-dash the usual.
@@ -55,10 +77,23 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ws", default="/ws", help="WebSocket path (default /ws)")
     parser.add_argument("--main", help="entry point (default main)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--origin", action="append", help="allowed Origin (repeatable)")
+    parser.add_argument(
+        "--origin", action="extend", type=origin_list, help="allowed Origins, comma-separated (repeatable)"
+    )
     parser.add_argument("--no-demo", action="store_true", help="do not serve the demo page at /")
     add_flags(parser, skip=("websocket", "autoinit", "autoinit_main", "host", "origins", "demo"))
     return parser
+
+
+def origin_list(text: str) -> list[str]:
+    """`--origin a.example,b.example`: split like OW_WEBSOCKET_ORIGIN; none at all is an error."""
+    import argparse
+
+    origins = [origin for origin in text.replace(" ", ",").split(",") if origin]
+    if not origins:
+        # Not "any origin", which an empty list would mean.
+        raise argparse.ArgumentTypeError("no origin given")
+    return origins
 
 
 def kube_parser() -> argparse.ArgumentParser:
@@ -142,7 +177,24 @@ def serve_file(args: argparse.Namespace) -> int:
     if args.action_dir is not None:
         return run(config, announce=True)
     with tempfile.TemporaryDirectory(prefix="actionloop-") as folder:
-        return run(config.replace(action_dir=Path(folder)), announce=True)
+        config = config.replace(action_dir=Path(folder))
+        return run(config, announce=True, read_from=named_source(config, Path(folder)))
+
+
+def named_source(config: Config, folder: Path) -> str:
+    """For a plain Python source, a NAMED_SOURCE for it in `folder`; else ""."""
+    path = Path(config.autoinit).absolute()
+    try:
+        code = path.read_bytes()
+    except OSError:
+        return ""  # auto-init says so, naming the file
+    # Only what prepare gives to the Python launcher; anything else goes as it is.
+    archives = (archive.ZIP_MAGIC, archive.GZIP_MAGIC)
+    if config.compiler or not code.strip() or code.startswith(archives) or archive.is_executable_bytes(code):
+        return ""
+    stand_in = folder / "named_source.py"
+    stand_in.write_text(NAMED_SOURCE.format(path=str(path), code=code))
+    return str(stand_in)
 
 
 def compile_action(main: str, config: Config) -> int:
@@ -170,21 +222,31 @@ def setup_logging(config: Config) -> None:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-def run(config: Config, announce: bool = False) -> int:
+def run(config: Config, announce: bool = False, read_from: str = "") -> int:
+    """Serve until SIGTERM or SIGINT; auto-init reads `read_from` if given, else config.autoinit."""
     setup_logging(config)
     try:
         import uvloop
-
-        return uvloop.run(serve(config, announce))
     except ImportError:
-        return asyncio.run(serve(config, announce))
+        return asyncio.run(serve(config, announce, read_from))
+    return uvloop.run(serve(config, announce, read_from))
 
 
-async def serve(config: Config, announce: bool) -> int:
+async def serve(config: Config, announce: bool, read_from: str = "") -> int:
+    """The runtime's life: auto-init, listen, wait for a signal, drain; its exit status."""
     runtime = Runtime(config)
+    try:
+        return await serve_runtime(runtime, announce, read_from)
+    finally:
+        # Whatever the way out, the action processes stop (no orphans).
+        await runtime.close()
+
+
+async def serve_runtime(runtime: Runtime, announce: bool, read_from: str) -> int:
+    config = runtime.config
     if config.autoinit:
         try:
-            await runtime.autoinit(config.autoinit, config.autoinit_main)
+            await runtime.autoinit(read_from or config.autoinit, config.autoinit_main)
         except ActionLoopError as exc:
             # Loud, so Kubernetes shows a failing pod (SPEC.md part C).
             log(f"actionloop: auto-init from {config.autoinit} failed: {exc.message}")
@@ -196,7 +258,6 @@ async def serve(config: Config, announce: bool) -> int:
     except OSError as exc:
         log(f"actionloop: cannot listen on {config.host}:{config.port}: {exc.strerror}")
         await front.close()
-        await runtime.close()
         return 1
     if announce or config.websocket:
         port = listening.sockets[0].getsockname()[1]
@@ -212,7 +273,6 @@ async def serve(config: Config, announce: bool) -> int:
     listening.close()
     drain(sockets)
     await asyncio.gather(front.close(), sockets.closed(config.drain_timeout))
-    await runtime.close()
     return 0
 
 
