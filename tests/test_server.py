@@ -194,3 +194,18 @@ def test_demo_page(start_server: Any) -> None:
     status, body = get(server, "/")
     assert status == 200 and b'data-ws-path="/hello"' in body and b"<button" in body
     assert get(start_server({"OW_WEBSOCKET": "/hello"}), "/")[0] == 404
+
+
+def test_max_result_on_every_line(start_server: Any) -> None:
+    """A 5,010-byte result with OW_MAX_RESULT=100 is refused with 502; the process serves on."""
+    server = start_server({**IMAGE_ENV, "OW_MAX_RESULT": "100"})
+    code = "import os\ndef main(a):\n    return {'pad': 'x' * a.get('size', 0), 'pid': os.getpid()}\n"
+    assert server.init(code)[0] == 200
+    assert server.run({"size": 5000}) == (502, {"error": "The action's result is larger than 100 bytes."})
+    status, small = server.run({"size": 10})
+    assert status == 200 and small["pad"] == "x" * 10
+    status, again = server.run({"size": 10})
+    assert again["pid"] == small["pid"]  # the same process: nothing was killed
+    assert server.run({"size": 200_000})[0] == 502  # over the limit in several reads too
+    status, last = server.run({})
+    assert status == 200 and last["pid"] == small["pid"]

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from . import __version__, archive
 from .config import Config, add_flags, flag_values, from_env
 from .errors import ActionLoopError
-from .listener import Front, listen
+from .listener import Endpoints, listen
 from .prepare import prepare
 from .runtime import Runtime, log
 from .websocket import Sockets, drain
@@ -252,12 +252,12 @@ async def serve_runtime(runtime: Runtime, announce: bool, read_from: str) -> int
             log(f"actionloop: auto-init from {config.autoinit} failed: {exc.message}")
             return 1
     sockets = Sockets()
-    front = Front(runtime, sockets)
+    endpoints = Endpoints(runtime, sockets)
     try:
-        listening = await listen(front)
+        listening = await listen(endpoints)
     except OSError as exc:
         log(f"actionloop: cannot listen on {config.host}:{config.port}: {exc.strerror}")
-        await front.close()
+        await endpoints.close()
         return 1
     if announce or config.websocket:
         port = listening.sockets[0].getsockname()[1]
@@ -272,7 +272,7 @@ async def serve_runtime(runtime: Runtime, announce: bool, read_from: str) -> int
     # 1001 once their replies are out; requests in hand finish; then stop.
     listening.close()
     drain(sockets)
-    await asyncio.gather(front.close(), sockets.closed(config.drain_timeout))
+    await asyncio.gather(endpoints.close(), sockets.closed(config.drain_timeout))
     return 0
 
 

@@ -26,13 +26,13 @@ HEAD_LIMIT = 16 * 1024
 HEAD_TIMEOUT = 75.0
 
 
-class Front:
+class Endpoints:
     """What the front door hands connections to: picows, or aiohttp once loaded."""
 
     def __init__(self, runtime: Runtime, sockets: Sockets) -> None:
         self.runtime = runtime
         self.sockets = sockets
-        self.runner: web.AppRunner | None = None
+        self.web: web.AppRunner | None = None  # aiohttp's, once loaded
         self._loading: asyncio.Future[None] | None = None
 
     def load(self) -> asyncio.Future[None]:
@@ -44,10 +44,10 @@ class Front:
     async def _load(self) -> None:
         from . import server
 
-        self.runner = await server.make_runner(self.runtime, self.sockets)
+        self.web = await server.make_runner(self.runtime, self.sockets)
 
     def to_web(self, transport: asyncio.Transport, data: bytes) -> None:
-        if self.runner is not None:
+        if self.web is not None:
             self._give(transport, data)
             return
         transport.pause_reading()
@@ -56,10 +56,10 @@ class Front:
     def _give(self, transport: asyncio.Transport, data: bytes, paused: bool = False) -> None:
         if transport.is_closing():
             return
-        if self.runner is None or self.runner.server is None:  # aiohttp failed to load (logged)
+        if self.web is None or self.web.server is None:  # aiohttp failed to load (logged)
             transport.close()
             return
-        handler = self.runner.server()
+        handler = self.web.server()
         transport.set_protocol(handler)
         handler.connection_made(transport)
         if paused:
@@ -70,15 +70,15 @@ class Front:
         """After the listener stopped: aiohttp finishes its requests (up to the drain timeout)."""
         if self._loading is not None:
             await self._loading
-        if self.runner is not None:
-            await self.runner.cleanup()
+        if self.web is not None:
+            await self.web.cleanup()
 
 
-class FrontDoor(asyncio.Protocol):
+class FirstRequest(asyncio.Protocol):
     """One new connection, until its first request head says where it goes."""
 
-    def __init__(self, front: Front) -> None:
-        self.front = front
+    def __init__(self, endpoints: Endpoints) -> None:
+        self.endpoints = endpoints
         self.head = b""
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -94,11 +94,11 @@ class FrontDoor(asyncio.Protocol):
             return
         assert self.transport is not None and self.timer is not None
         self.timer.cancel()
-        front = self.front
-        if end >= 0 and is_upgrade(self.head[:end], front.runtime.config.websocket):
-            websocket.upgrade(self.transport, self.head, front.runtime, front.sockets)
+        endpoints = self.endpoints
+        if end >= 0 and is_upgrade(self.head[:end], endpoints.runtime.config.websocket):
+            websocket.upgrade(self.transport, self.head, endpoints.runtime, endpoints.sockets)
         else:
-            front.to_web(self.transport, self.head)
+            endpoints.to_web(self.transport, self.head)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
@@ -123,10 +123,10 @@ def is_upgrade(head: bytes, path: str) -> bool:
     return False
 
 
-async def listen(front: Front) -> asyncio.Server:
+async def listen(endpoints: Endpoints) -> asyncio.Server:
     """Listen on the configured host and port; OSError if that cannot be."""
-    config = front.runtime.config
+    config = endpoints.runtime.config
     if not config.websocket:
-        await front.load()  # plain OpenWhisk: every request is aiohttp's
+        await endpoints.load()  # plain OpenWhisk: every request is aiohttp's
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: FrontDoor(front), config.host, config.port, reuse_address=True)
+    return await loop.create_server(lambda: FirstRequest(endpoints), config.host, config.port, reuse_address=True)
