@@ -157,7 +157,7 @@ def start_server(tmp_path: Path) -> Iterator[Any]:
         server.stop()
 
 
-def check_streams(out: str, err: str, sentinels: int = 1) -> tuple[str, str]:
+def check_streams(out: str, err: str, *, sentinels: int = 1) -> tuple[str, str]:
     """OpenWhisk's checkStreams: count sentinels, return both streams without them."""
     assert out.count(SENTINEL) == sentinels, out
     assert err.count(SENTINEL) == sentinels, err

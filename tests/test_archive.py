@@ -88,7 +88,7 @@ def test_tar_gz_escape_and_garbage(tmp_path: Path) -> None:
     with pytest.raises(PrepareError, match="outside the action folder"):
         archive.unpack(tar_gz({"ok": b"x", "../evil": b"x"}), True, tmp_path, LIMIT)
     assert not list(tmp_path.iterdir()) and not (tmp_path.parent / "evil").exists()
-    with pytest.raises(PrepareError, match="Cannot unpack the tar.gz"):
+    with pytest.raises(PrepareError, match=r"Cannot unpack the tar\.gz"):
         archive.unpack(b"\x1f\x8bgarbage", True, tmp_path, LIMIT)
 
 

@@ -43,6 +43,8 @@ def test_quick_run_produces_a_table(tmp_path: Path) -> None:
         msgs = float(cells[1].replace(",", ""))
         assert msgs > 0
         assert re.fullmatch(r"[\d.,]+ \(\d+/\d+\)", cells[5]), cells[5]
-        answered, opened = re.search(r"\((\d+)/(\d+)\)", cells[5]).groups()
+        counts = re.search(r"\((\d+)/(\d+)\)", cells[5])
+        assert counts is not None
+        answered, opened = counts.groups()
         assert answered == opened
     assert rows[0].split("|")[-2].strip() != "-", "the /run column is measured for actionloop"

@@ -143,11 +143,11 @@ def test_serve_origin_comma_separated(tmp_path: Path) -> None:
         wait_listening(child, port, tmp_path)
         url = f"ws://127.0.0.1:{port}/ws"
         for origin in ("http://a.example", "https://b.example:8443", "https://c.example"):
-            with connect(url, origin=origin, open_timeout=TIMEOUT) as ws:  # type: ignore[arg-type]
+            with connect(url, origin=origin, open_timeout=TIMEOUT) as ws:  # type: ignore[call-overload]
                 assert ask(ws, {"name": "o"}) == {"greeting": "Hello, o!"}
         for origin in ("http://d.example", "http://c.example"):
             with pytest.raises(InvalidStatus) as refused:
-                connect(url, origin=origin, open_timeout=TIMEOUT)  # type: ignore[arg-type]
+                connect(url, origin=origin, open_timeout=TIMEOUT)  # type: ignore[call-overload]
             assert refused.value.response.status_code == 403
 
 

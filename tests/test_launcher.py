@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from conftest import TIME_FACTOR
 
@@ -25,8 +26,8 @@ def make_action(tmp_path: Path, source: str, main: str = "main") -> Path:
 
 
 def launch(
-    exec_path: Path, lines: list[dict[str, object]], env: dict[str, str] | None = None
-) -> tuple[int, list[object], str, str]:
+    exec_path: Path, lines: list[dict[str, Any]], env: dict[str, str] | None = None
+) -> tuple[int, list[Any], str, str]:
     """Run the action with these stdin lines; (exit code, fd 3 lines, stdout, stderr)."""
     stdout = exec_path.parent / "stdout.txt"
     done = subprocess.run(

@@ -7,6 +7,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import TIME_FACTOR
@@ -41,7 +42,7 @@ async def started(path: Path, ack: bool = True) -> ActionProcess:
     return process
 
 
-async def invoke(process: ActionProcess, line: bytes, timeout: float | None = None) -> Outcome:
+async def invoke(process: ActionProcess, line: bytes, timeout: float | None = None) -> Any:
     """Submit one line and await its outcome: the result or NOT_STARTED; an error is raised."""
     future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
     process.submit(line, timeout, future.set_result)
@@ -60,7 +61,7 @@ def test_results_come_from_fd_3(tmp_path: Path) -> None:
         assert await invoke(process, b'{"value":{"a":1}}\n') == b'{"value":{"a":1}}'
         assert await invoke(process, b"[1,2]\n") == b"[1,2]"
         await process.stop(1)
-        assert process.state is State.STOPPED
+        assert process.state.value == "stopped"
 
     asyncio.run(scenario())
 
@@ -69,7 +70,7 @@ def test_child_runs_in_its_folder(tmp_path: Path) -> None:
     """The action runs with its folder as working directory."""
     body = '#!/bin/bash\nwhile read -r l; do echo "[\\"$PWD\\"]" >&3; done\n'
 
-    async def scenario() -> bytes:
+    async def scenario() -> Any:
         process = await started(script(tmp_path, body), ack=False)
         try:
             return await invoke(process, b"{}\n")

@@ -86,7 +86,7 @@ def test_origin(start_server: Any, allowed: str, origin: str | None, accepted: b
     """OW_WEBSOCKET_ORIGIN is checked against Origin, whatever Host says."""
     server = ws_server(start_server, EXAMPLES / "hello.py", OW_WEBSOCKET_ORIGIN=allowed)
     try:
-        with connect(server.ws_url("/hello"), origin=origin, open_timeout=TIMEOUT) as ws:
+        with connect(server.ws_url("/hello"), origin=origin, open_timeout=TIMEOUT) as ws:  # type: ignore[arg-type]
             assert ask(ws, {"name": "o"}) == {"greeting": "Hello, o!"}
         assert accepted
     except InvalidStatus as exc:

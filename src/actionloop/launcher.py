@@ -46,7 +46,7 @@ def activate_virtualenv(folder: str) -> None:
     if os.path.isfile(script):
         with open(script) as file:
             # The virtualenv's own activation script, shipped in the action's zip.
-            exec(compile(file.read(), script, "exec"), {"__file__": script})  # noqa: S102
+            exec(compile(file.read(), script, "exec"), {"__file__": script})
         return
     import glob
 
@@ -68,7 +68,7 @@ def load(folder: str, name: str) -> Entry:
     spec.loader.exec_module(module)
     entry: Entry | None = getattr(module, name, None)
     if not callable(entry):
-        raise AttributeError(f"the action has no function named {name!r} in __main__.py")  # noqa: TRY004
+        raise AttributeError(f"the action has no function named {name!r} in __main__.py")
     return entry
 
 
@@ -123,10 +123,11 @@ def serve(entry: Entry, requests: BinaryIO, results: int, key: bytes = b"") -> N
     """
     stdout, stderr, write = sys.stdout, sys.stderr, os.write
     tag = b""
-    for line in requests:
+    for received in requests:
+        line = received
         if key:
-            number = line.find(b" ") + 1
-            tag, line = key + b" " + line[:number], line[number:]
+            number = received.find(b" ") + 1
+            tag, line = key + b" " + received[:number], received[number:]
         result = tag + activate(entry, line)
         # Logs first, then the result: the server writes the end-of-activation
         # sentinel as soon as it reads the result.
