@@ -147,3 +147,17 @@ def test_prepare_leaves_a_syntax_error_to_the_import(tmp_path: Path) -> None:
     code, results, _, stderr = launch(make_action(tmp_path, "def main(args)\n    return {}\n"), [])
     assert code != 0 and results == []
     assert "SyntaxError" in stderr
+
+
+def test_activation_keys_do_not_outlive_their_activation(tmp_path: Path) -> None:
+    """An api_key given to one activation is gone for the next; the server's own __OW_ values come back."""
+    source = "import os\ndef main(args):\n    return {k: os.environ.get(k) for k in ('__OW_API_KEY', '__OW_API_HOST', '__OW_ACTIVATION_ID')}\n"
+    lines = [
+        {"value": {}, "api_key": "secret", "api_host": "https://other", "activation_id": "a1"},
+        {"value": {}, "activation_id": "a2"},
+    ]
+    env = {**os.environ, "__OW_API_HOST": "https://own"}
+    code, results, _, _ = launch(make_action(tmp_path, source), lines, env)
+    assert code == 0
+    assert results[1] == {"__OW_API_KEY": "secret", "__OW_API_HOST": "https://other", "__OW_ACTIVATION_ID": "a1"}
+    assert results[2] == {"__OW_API_KEY": None, "__OW_API_HOST": "https://own", "__OW_ACTIVATION_ID": "a2"}

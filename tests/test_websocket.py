@@ -426,3 +426,13 @@ def test_start_up_leaves_unused_libraries_unloaded() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=clean_env())
     assert out.stdout.strip() == "['picows']", out.stdout
+
+
+def test_run_keys_do_not_reach_later_websocket_activations(start_server: Any, tmp_path: Path) -> None:
+    """The api_key of a /run is not in the environment a later WebSocket message's activation sees."""
+    action = tmp_path / "env.py"
+    action.write_text("import os\ndef main(args):\n    return {'key': os.environ.get('__OW_API_KEY')}\n")
+    server = ws_server(start_server, action, "/ws")
+    assert server.run({}, api_key="secret") == (200, {"key": "secret"})
+    with connect(server.ws_url("/ws"), open_timeout=TIMEOUT) as ws:
+        assert ask(ws, {}) == {"key": None}

@@ -98,12 +98,39 @@ def set_env(key: str, value: str, environ: Any = os.environ) -> None:
         environ[key] = value
 
 
-def activate(entry: Entry, line: bytes) -> bytes:
-    """Run one activation line through the entry point; return the result line."""
+def unset_env(key: str, environ: Any = os.environ) -> None:
+    """Back to what the process started with: the server's own __OW_ value, or nothing."""
+    if key in STARTED_WITH:
+        set_env(key, STARTED_WITH[key], environ)
+    elif key in PER_ACTIVATION:
+        environ._data.pop(environ.encodekey(key), None)  # private, see PER_ACTIVATION
+    else:
+        environ.pop(key, None)
+
+
+# The __OW_ variables the server gave the process itself (SPEC.md part A).
+STARTED_WITH = {key: value for key, value in os.environ.items() if key.startswith("__OW_")}
+
+
+def set_keys(request: dict[str, Any], previous: set[str]) -> set[str]:
+    """Every key of the activation as `__OW_<KEY>`; the keys of the one before
+    that this one lacks are taken away, so none outlives its activation (an
+    `api_key` given to /run must not reach later WebSocket activations)."""
+    keys: set[str] = set()
+    for key, value in request.items():
+        name = "__OW_" + key.upper()
+        set_env(name, value if isinstance(value, str) else env_text(value))
+        keys.add(name)
+    for name in previous - keys:
+        unset_env(name)
+    return keys
+
+
+def activate(entry: Entry, line: bytes, previous: set[str]) -> tuple[bytes, set[str]]:
+    """Run one activation line through the entry point: the result line, the keys set."""
     request = json.loads(line.decode("utf-8", errors="surrogateescape"))
     args = request.pop("value", {})
-    for key, value in request.items():
-        set_env("__OW_" + key.upper(), value if isinstance(value, str) else env_text(value))
+    keys = set_keys(request, previous)
     try:
         result = entry(args)
     except Exception as exc:  # noqa: BLE001 - any action error becomes a result
@@ -111,7 +138,7 @@ def activate(entry: Entry, line: bytes) -> bytes:
 
         traceback.print_exc()
         result = {"error": str(exc)}
-    return encode(result)
+    return encode(result), keys
 
 
 def serve(entry: Entry, requests: BinaryIO, results: int, key: bytes = b"") -> None:
@@ -123,12 +150,14 @@ def serve(entry: Entry, requests: BinaryIO, results: int, key: bytes = b"") -> N
     """
     stdout, stderr, write = sys.stdout, sys.stderr, os.write
     tag = b""
+    keys: set[str] = set()
     for received in requests:
         line = received
         if key:
             number = received.find(b" ") + 1
             tag, line = key + b" " + received[:number], received[number:]
-        result = tag + activate(entry, line)
+        answer, keys = activate(entry, line, keys)
+        result = tag + answer
         # Logs first, then the result: the server writes the end-of-activation
         # sentinel as soon as it reads the result.
         stdout.flush()
