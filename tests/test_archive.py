@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import subprocess
 import tarfile
 import zipfile
 from pathlib import Path
@@ -279,3 +280,16 @@ def test_server_refuses_links_with_502(start_server: Any, tmp_path: Path) -> Non
     assert status == 502 and "'link' is a symbolic link" in body["error"]
     assert not list((server.folder / "action").iterdir())
     assert (outside / "victim.txt").read_text() == "original" and list(outside.iterdir()) == [outside / "victim.txt"]
+
+
+def test_tar_made_with_dot_unpacks(tmp_path: Path) -> None:
+    """`tar czf x.tgz -C dir .` (entries `./`, `./__main__.py`) unpacks like any tar."""
+    source = tmp_path / "action"
+    source.mkdir()
+    (source / "__main__.py").write_text("def main(a):\n    return a\n")
+    made = tmp_path / "x.tgz"
+    subprocess.run(["tar", "czf", str(made), "-C", str(source), "."], check=True)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    archive.unpack(made.read_bytes(), True, dest, LIMIT)
+    assert (dest / "__main__.py").read_text().startswith("def main")

@@ -81,6 +81,7 @@ def test_stray_lines_never_reach_a_client(start_server: Any, tmp_path: Path, mod
     env = {**IMAGE_ENV, "OW_WEBSOCKET": "/ws", "OW_AUTOINIT": str(action), "OW_PROCESS_MODE": mode}
     server = start_server({**env, "OW_POOL_SIZE": "2"})
     counts = hammer(server, clients=10, seconds=4 * TIME_FACTOR)
+    print(mode, counts)  # for the record: pytest -s shows it
     assert counts["wrong"] == 0, counts
     assert counts["errors"] > 0, counts
     assert counts["right"] > 100, counts

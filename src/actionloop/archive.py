@@ -98,7 +98,9 @@ def _target(dest: Path, name: str, refused: str | None) -> Path:
     if refused is not None:
         raise PrepareError(f"Archive entry {name!r} is {refused}; only regular files and folders are allowed.")
     parts = PurePosixPath(name.replace("\\", "/")).parts
-    if not parts or parts[0] == "/" or ".." in parts or ":" in parts[0]:
+    if not parts:
+        return dest  # "./", as `tar czf x.tgz -C dir .` writes: the folder itself
+    if parts[0] == "/" or ".." in parts or ":" in parts[0]:
         raise PrepareError(f"Archive entry {name!r} would be written outside the action folder.")
     return dest.joinpath(*parts)
 
