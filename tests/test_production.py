@@ -405,3 +405,35 @@ def test_large_messages_at_once_share_the_pipe_intact(start_server: Any, tmp_pat
                 assert ask(ws, {"id": f"{n}-{i}", "pad": pad}) == {"id": f"{n}-{i}", "size": size, "ends": f"{n:08d}"}
 
     concurrently(6, client)
+
+
+@pytest.mark.parametrize("mode", ["shared", "connection"])
+def test_drain_ends_on_time(start_server: Any, tmp_path: Path, mode: str) -> None:
+    """SIGTERM with more work queued than OW_DRAIN_TIMEOUT: every client gets a reply or a close frame, queued work is dropped, the exit is on time."""
+    started = tmp_path / "started.log"
+    source = f"import time\ndef main(args):\n    open({str(started)!r}, 'a').write('x\\n')\n    time.sleep(args['sleep'])\n    return args\n"
+    drain, grace = 2 * TIME_FACTOR, 1 * TIME_FACTOR
+    server = serve(
+        start_server, tmp_path, source, OW_PROCESS_MODE=mode, OW_DRAIN_TIMEOUT=str(drain), OW_STOP_GRACE=str(grace)
+    )
+    codes = []
+    with contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(connect(server.ws_url("/ws"), open_timeout=TIMEOUT)) for _ in range(12)]
+        for n, ws in enumerate(clients):
+            # Shared: 12 s of work queued; connection: each busy past the drain.
+            ws.send(json.dumps({"n": n, "sleep": 1 if mode == "shared" else 10}))
+        time.sleep(0.5 * TIME_FACTOR)
+        began = time.monotonic()
+        server.process.send_signal(15)
+        for ws in clients:
+            try:
+                ws.recv(timeout=TIMEOUT)  # a reply, for the messages the drain had time for
+                ws.recv(timeout=TIMEOUT)
+            except ConnectionClosed as closed:
+                codes.append(closed.rcvd.code if closed.rcvd is not None else None)
+        assert server.process.wait(TIMEOUT) == 0
+    took = time.monotonic() - began
+    assert codes == [1001] * len(clients), codes  # never cut without a close frame
+    assert took < drain + 1 + grace + 2 * TIME_FACTOR, took
+    if mode == "shared":
+        assert len(started.read_text().splitlines()) <= drain + 2  # the rest of the queue was dropped

@@ -238,8 +238,9 @@ async def serve(config: Config, announce: bool, read_from: str = "") -> int:
     try:
         return await serve_runtime(runtime, announce, read_from)
     finally:
-        # Whatever the way out, the action processes stop (no orphans).
-        await runtime.close()
+        # Whatever the way out, the action processes stop (no orphans). The
+        # drain has had its time: what is still queued is dropped.
+        await runtime.close(wait=0)
 
 
 async def serve_runtime(runtime: Runtime, announce: bool, read_from: str) -> int:

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from .core import NotStarted
-from .errors import ActionExited, ActionLoopError
+from .errors import ActionExited, ActionLoopError, Unavailable
 from .process import ActionProcess, Outcome, complete
 
 Starter = Callable[[], Awaitable[ActionProcess]]
@@ -47,7 +47,7 @@ class Runner(Protocol):
 
     async def open(self) -> None: ...
     def submit(self, line: bytes, timeout: float | None, done: Finished) -> None: ...
-    async def close(self) -> None: ...
+    async def close(self, wait: float | None = None) -> None: ...
 
 
 class Single:
@@ -154,17 +154,27 @@ class Single:
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
-    async def close(self) -> None:
-        """Stop the process, letting queued and running activations finish first."""
+    async def close(self, wait: float | None = None) -> None:
+        """Stop the process once queued and running activations have finished,
+        or `wait` seconds have passed: then the queued ones fail and the one
+        running gets the stop (OW_STOP_GRACE, then SIGKILL)."""
         self._closed = True
+        try:
+            await asyncio.wait_for(self._settled(), wait)
+        except TimeoutError:
+            self._fail_queued(Unavailable("The server is shutting down."))
+        if self._restart is not None:
+            await asyncio.shield(self._restart)
+        if self._process is not None:
+            await self._process.stop(self._stop_grace)
+
+    async def _settled(self) -> None:
         while self._in_flight or self._queue or self._restart is not None:
             if self._restart is not None:
                 await asyncio.shield(self._restart)
                 continue
             self._drained = asyncio.get_running_loop().create_future()
-            await self._drained
-        if self._process is not None:
-            await self._process.stop(self._stop_grace)
+            await asyncio.shield(self._drained)
 
 
 class Pool:
@@ -174,6 +184,7 @@ class Pool:
         self._members = [Single(start, stop_grace, on_restart) for _ in range(max(1, size))]
         self._idle: collections.deque[Single] = collections.deque()
         self._queue: collections.deque[Job] = collections.deque()
+        self._emptied: asyncio.Future[None] | None = None  # while closing: every process idle, nothing queued
 
     @property
     def failure(self) -> str | None:
@@ -184,7 +195,7 @@ class Pool:
         results = await asyncio.gather(*(m.open() for m in self._members), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
-            await self.close()
+            await asyncio.gather(*(m.close(0) for m in self._members))
             raise failed[0]
         self._idle.extend(self._members)
 
@@ -202,7 +213,19 @@ class Pool:
             member.submit(line, timeout, functools.partial(self._answered, member, waiting))
         else:
             self._idle.append(member)
+            if self._emptied is not None and len(self._idle) == len(self._members) and not self._emptied.done():
+                self._emptied.set_result(None)
         complete(done, outcome)
 
-    async def close(self) -> None:
-        await asyncio.gather(*(m.close() for m in self._members))
+    async def close(self, wait: float | None = None) -> None:
+        """Close every process once all activations have run, or `wait` seconds
+        have passed: then those still queued fail (see Single.close)."""
+        if self._queue or len(self._idle) < len(self._members):
+            self._emptied = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._emptied), wait)
+            except TimeoutError:
+                queued, self._queue = self._queue, collections.deque()
+                for _, _, done in queued:
+                    complete(done, Unavailable("The server is shutting down."))
+        await asyncio.gather(*(m.close(0) for m in self._members))

@@ -69,6 +69,7 @@ class Runtime:
         # /run keeps OpenWhisk's one activation at a time, whatever the mode.
         self._run_lock = asyncio.Lock()
         self.own_processes = 0
+        self._own_runners: set[Runner] = set()  # connection mode: one per connection
         self._activation_ids = activation_ids()
 
     @property
@@ -229,7 +230,9 @@ class Runtime:
         if self.own_processes >= self.config.max_processes:
             raise Unavailable("Too many connections with their own action process; try again later.")
         self.own_processes += 1
-        return Session(self, connection, Single(self._start, self.config.stop_grace, self.metrics.restarted))
+        runner = Single(self._start, self.config.stop_grace, self.metrics.restarted)
+        self._own_runners.add(runner)
+        return Session(self, connection, runner)
 
     async def autoinit(self, path: str, main: str) -> None:
         """Initialise from a file as if it came to /init (SPEC.md part B)."""
@@ -242,9 +245,11 @@ class Runtime:
         # Binary lets unpack tell zip, tar.gz, executable and source apart.
         await self.init(InitRequest(code, binary=True, main=main))
 
-    async def close(self) -> None:
-        if self.runner is not None:
-            await self.runner.close()
+    async def close(self, wait: float | None = None) -> None:
+        """Stop every action process, the connections' own too; past `wait`
+        seconds queued activations fail and running ones are stopped."""
+        runners = [*self._own_runners, *([self.runner] if self.runner is not None else [])]
+        await asyncio.gather(*(runner.close(wait) for runner in runners))
 
 
 class Session:
@@ -266,6 +271,7 @@ class Session:
         """Stop the connection's own process (once), making room for another."""
         if self.runner is not None and not self._closed:
             self._closed = True
+            self.runtime._own_runners.discard(self.runner)
             await self.runner.close()
             self.runtime.own_processes -= 1
 

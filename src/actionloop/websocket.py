@@ -40,6 +40,8 @@ GOING_AWAY = b"server shutting down"
 READ_AHEAD = 64 * 1024
 # After our close frame, how long the client has to answer it.
 CLOSE_WAIT = 5.0
+# The same, for the connections still open when the drain timeout is up.
+LAST_CLOSE_WAIT = 1.0
 READ_BUFFER = 2048
 # An adapter, so picows does not make a logger for every connection.
 LOGGER = logging.LoggerAdapter(logging.getLogger("actionloop.websocket"))
@@ -55,9 +57,18 @@ class Sockets:
         self.draining = False
 
     async def closed(self, timeout: float) -> None:
-        """Wait until every connection has ended, then cut those still open."""
+        """Wait up to `timeout` for every connection to end (SPEC.md part C).
+
+        Those still open then hear 1001 too, their work in hand unanswered,
+        and get LAST_CLOSE_WAIT seconds to answer it before they are cut.
+        """
         if self.open:
             await asyncio.wait([c.ended for c in self.open], timeout=timeout)
+        late = list(self.open)
+        for conversation in late:
+            conversation.close(WSCloseCode.GOING_AWAY, GOING_AWAY)
+        if late:
+            await asyncio.wait([c.ended for c in late], timeout=LAST_CLOSE_WAIT)
         for conversation in list(self.open):
             if conversation.transport is not None:
                 conversation.transport.disconnect(graceful=False)
