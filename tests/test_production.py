@@ -437,3 +437,59 @@ def test_drain_ends_on_time(start_server: Any, tmp_path: Path, mode: str) -> Non
     assert took < drain + 1 + grace + 2 * TIME_FACTOR, took
     if mode == "shared":
         assert len(started.read_text().splitlines()) <= drain + 2  # the rest of the queue was dropped
+
+
+ESCAPER = """import os, subprocess, time
+
+def main(args):
+    setsid = subprocess.Popen(["setsid", "sleep", "300"]).pid
+    read, write = os.pipe()
+    if os.fork() == 0:  # a daemon: its own session, its parent gone
+        os.setsid()
+        if os.fork() == 0:
+            os.write(write, b"%d" % os.getpid())
+            time.sleep(300)
+        os._exit(0)
+    os.close(write)
+    daemon = int(os.read(read, 20))
+    if args.get("exit"):
+        os._exit(1)
+    return {"pids": [setsid, daemon]}
+"""
+
+
+def gone(pid: int) -> bool:
+    """The process has ended (a zombie counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def wait_gone(pids: list[int]) -> list[int]:
+    deadline = time.monotonic() + 10 * TIME_FACTOR
+    while time.monotonic() < deadline and not all(gone(pid) for pid in pids):
+        time.sleep(0.05)
+    return [pid for pid in pids if not gone(pid)]
+
+
+def test_processes_that_leave_the_group_are_stopped_too(start_server: Any, tmp_path: Path) -> None:
+    """An action's children that call setsid, or daemonise, end with the server; and with their action's restart."""
+    server = serve(start_server, tmp_path, ESCAPER)
+    with connect(server.ws_url("/ws"), open_timeout=TIMEOUT) as ws:
+        escaped = ask(ws, {})["pids"]
+        assert not any(gone(pid) for pid in escaped)  # they run now
+        ws.send(json.dumps({"exit": True}))  # the action dies; what it left behind goes with it
+        assert "error" in json.loads(ws.recv(timeout=TIMEOUT))
+    try:
+        assert wait_gone(escaped) == []
+        later = [*escaped]
+        with connect(server.ws_url("/ws"), open_timeout=TIMEOUT) as ws:
+            later = ask(ws, {})["pids"]
+        assert server.stop() == 0
+        assert wait_gone(later) == []
+    finally:
+        for pid in escaped + later:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)

@@ -23,6 +23,7 @@ from .config import Config, add_flags, flag_values, from_env
 from .errors import ActionLoopError
 from .listener import Endpoints, listen
 from .prepare import prepare
+from .process import adopt_orphans, sweep_orphans
 from .runtime import Runtime, log
 from .websocket import Sockets, drain
 
@@ -235,12 +236,14 @@ def run(config: Config, announce: bool = False, read_from: str = "") -> int:
 async def serve(config: Config, announce: bool, read_from: str = "") -> int:
     """The runtime's life: auto-init, listen, wait for a signal, drain; its exit status."""
     runtime = Runtime(config)
+    adopt_orphans()
     try:
         return await serve_runtime(runtime, announce, read_from)
     finally:
         # Whatever the way out, the action processes stop (no orphans). The
         # drain has had its time: what is still queued is dropped.
         await runtime.close(wait=0)
+        sweep_orphans()
 
 
 async def serve_runtime(runtime: Runtime, announce: bool, read_from: str) -> int:

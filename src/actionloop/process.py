@@ -71,6 +71,76 @@ def _nothing() -> None:
     return None
 
 
+# The pids of the action processes now running (see sweep_orphans).
+_running: set[int] = set()
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def adopt_orphans() -> None:
+    """Become the reaper of our descendants' orphans (Linux prctl).
+
+    An action's child that leaves the process group (setsid) escapes
+    killpg; when its parent dies it is handed to us instead of to init, so
+    sweep_orphans can stop it. Call once, at start-up.
+    """
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _children() -> dict[int, list[int]]:
+    """Each process's children, from the parent pids in /proc."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                parent = int(stat.read().rpartition(b")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        children.setdefault(parent, []).append(int(name))
+    return children
+
+
+def _descendants(root: int, children: dict[int, list[int]]) -> list[int]:
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def sweep_orphans() -> None:
+    """Kill the processes we adopted (children of ours that are no running
+    action process) and everything below them; reap those that have died.
+
+    Children in our own process group are ours on purpose (an OW_COMPILER
+    run): an adopted orphan comes from an action's group or its own session.
+    """
+    children = _children()
+    for pid in children.get(os.getpid(), ()):
+        try:
+            if pid in _running or os.getpgid(pid) == os.getpgrp():
+                continue
+        except ProcessLookupError:
+            continue
+        _kill([pid, *_descendants(pid, children)])
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
 def _above_stdio(fd: int) -> int:
     """Move a pipe end to 10 or above, so dup2 onto 0 or 3 never targets itself."""
     high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
@@ -190,6 +260,7 @@ class ActionProcess:
         except OSError as exc:
             self._become(State.DEAD)
             raise StartError(str(exc)) from exc
+        _running.add(self._child.pid)
         self._exited = loop.create_future()
         self._ready = loop.create_future()
         self._watch_exit(loop)
@@ -212,6 +283,8 @@ class ActionProcess:
             os.close(pidfd)
             assert self._child is not None and self._exited is not None
             self.returncode = self._child.wait()
+            _running.discard(self._child.pid)
+            sweep_orphans()  # what it left behind outside its process group
             if self.state is not State.STOPPED:
                 self._become(State.DEAD)
             self._exited.set_result(None)
@@ -408,7 +481,10 @@ class ActionProcess:
                     await asyncio.wait_for(asyncio.shield(self._exited), grace)
                 except TimeoutError:
                     pass
-            # Also reaches grandchildren left behind by a process that exited.
+            # Also reaches grandchildren left behind by a process that exited,
+            # and those that left its process group (setsid) while it lives.
+            if self.returncode is None:
+                _kill(_descendants(self._child.pid, _children()) if self._child else [])
             self._signal(signal.SIGKILL)
             await self._exited
         self._stop_writing()
