@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actionloop.core import DEPTH, NOT_STARTED, LineProtocol, Phase
@@ -51,6 +51,7 @@ def test_lines_split_anywhere_are_joined() -> None:
     assert outcomes == [("a", line.split(b" ", 2)[2].rstrip(b"\n"))]
 
 
+@settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=30))
 def test_any_chunking_gives_the_same_pairing(cuts: list[int]) -> None:
     """However the pipe cuts the bytes, every caller gets its own result."""

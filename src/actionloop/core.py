@@ -94,6 +94,7 @@ class LineProtocol(Generic[Caller]):
         self.max_result = max_result
         self.ack = ack
         self.key = key
+        self._tag_start = key + b" "
         self.depth = depth
         self.phase = Phase.STARTING
         self.fault: str | None = None  # why the process must be killed, once BROKEN
@@ -126,7 +127,7 @@ class LineProtocol(Generic[Caller]):
             return (line,)
         self._sent += 1
         number = b"%d " % self._sent
-        self.in_flight.append((caller, self.key + b" " + number))
+        self.in_flight.append((caller, self._tag_start + number))
         return (number, line)
 
     def receive_data(self, data: bytes) -> list[tuple[Caller, Outcome]]:
