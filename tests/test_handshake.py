@@ -7,7 +7,12 @@ import pytest
 from actionloop.config import Config
 from actionloop.handshake import origin_allowed, presented_token, refusal
 
-GOOD = {"Upgrade": "websocket", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13"}
+GOOD = {
+    "Upgrade": "websocket",
+    "Connection": "Upgrade",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    "Sec-WebSocket-Version": "13",
+}
 
 
 def status(
@@ -64,3 +69,29 @@ def test_statuses_in_order() -> None:
     assert status(GOOD, config, "t0k", draining=True) == 503
     assert status(GOOD, config, "t0k", open_connections=2) == 503
     assert status(GOOD, Config()) == 101
+
+
+@pytest.mark.parametrize(
+    ("connection", "upgrade", "ok"),
+    [
+        ("Upgrade", "websocket", True),
+        ("keep-alive, Upgrade", "websocket", True),  # older Firefox, some proxies
+        ("upgrade", "WebSocket", True),
+        ("Upgrade,keep-alive", "websocket", True),
+        ("keep-alive", "websocket", False),
+        ("upgrades", "websocket", False),
+        ("Upgrade", "websocket2", False),
+    ],
+)
+def test_token_lists(connection: str, upgrade: str, ok: bool) -> None:
+    """Connection and Upgrade are token lists (RFC 9110 7.6.1, RFC 6455 4.2.1), in any case."""
+    assert status({**GOOD, "Connection": connection, "Upgrade": upgrade}, Config()) == (101 if ok else 400)
+    assert status({k: v for k, v in GOOD.items() if k != "Connection"}, Config()) == 400
+
+
+@pytest.mark.parametrize(
+    "key", ["", "abc", "dGhlIHNhbXBsZSBub25j", "dGhlIHNhbXBsZSBub25jZQ", "dGhlIHNhbXBsZSBub25jZQ==x", "é"]
+)
+def test_bad_keys(key: str) -> None:
+    """A Sec-WebSocket-Key that is not 16 bytes in base64 is refused by us (400), before any reservation."""
+    assert status({**GOOD, "Sec-WebSocket-Key": key}, Config()) == 400

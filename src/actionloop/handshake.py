@@ -1,7 +1,7 @@
 """Whether a WebSocket handshake is accepted, with no I/O (SPEC.md parts B and C).
 
 Refused before the upgrade, in this order:
-  400 not a WebSocket handshake (or not version 13);
+  400 not a WebSocket handshake (RFC 6455, 4.2.1: version 13, a valid key);
   403 another site's Origin;
   401 no token / 403 wrong token (when one is set);
   503 draining, or too many connections.
@@ -9,6 +9,8 @@ Refused before the upgrade, in this order:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import urllib.parse
 from collections.abc import Mapping
@@ -53,6 +55,20 @@ def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
     return False
 
 
+def tokens(value: str) -> set[str]:
+    """The elements of a comma-separated header value (RFC 9110, 5.6.1), lower-cased:
+    `Connection: keep-alive, Upgrade` asks for an upgrade too (RFC 6455, 4.2.1)."""
+    return {part.strip().lower() for part in value.split(",")}
+
+
+def key_valid(key: str) -> bool:
+    """RFC 6455 (4.2.1): Sec-WebSocket-Key is 16 random bytes in base64."""
+    try:
+        return len(base64.b64decode(key.encode("ascii"), validate=True)) == 16
+    except (UnicodeEncodeError, binascii.Error):
+        return False
+
+
 def offered_subprotocols(headers: Mapping[str, str]) -> list[str]:
     return [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
 
@@ -91,10 +107,12 @@ def refusal(
     headers: Mapping[str, str], query: Mapping[str, list[str]], config: Config, open_connections: int, draining: bool
 ) -> Refusal | None:
     """Why this handshake is refused, or None to accept it."""
-    if "websocket" not in headers.get("Upgrade", "").lower() or not headers.get("Sec-WebSocket-Key"):
+    if "websocket" not in tokens(headers.get("Upgrade", "")) or "upgrade" not in tokens(headers.get("Connection", "")):
         return Refusal(400, "This path takes WebSocket connections only.", "bad_handshake")
     if headers.get("Sec-WebSocket-Version") != "13":
         return Refusal(400, "Only WebSocket version 13 is spoken here.", "bad_handshake")
+    if not key_valid(headers.get("Sec-WebSocket-Key", "")):
+        return Refusal(400, "Sec-WebSocket-Key must be 16 bytes in base64.", "bad_handshake")
     if not origin_allowed(headers.get("Origin"), config.origins):
         return Refusal(403, "This origin may not open a WebSocket here.", "origin_refused")
     refused = token_refusal(headers, query, config.token)

@@ -11,19 +11,25 @@ pay for it before its first answer. With no WebSocket path it loads at once.
 from __future__ import annotations
 
 import asyncio
+import http
 from typing import TYPE_CHECKING
 
-from . import websocket
+from . import protocol, websocket
 from .runtime import Runtime
 from .websocket import Sockets
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-# A first request head larger than this is aiohttp's to refuse.
-HEAD_LIMIT = 16 * 1024
+# The largest request head (request line and headers): 431 beyond. As
+# nginx's default (4 buffers of 8 KiB), so browsers with many cookies pass.
+HEAD_LIMIT = 32 * 1024
+HEAD_TOO_LARGE = f"The request head is larger than {HEAD_LIMIT} bytes."
+UPGRADE_TOO_LARGE = "The WebSocket request's URL and headers are too long."
 # How long a new connection may take to send its first request head.
 HEAD_TIMEOUT = 75.0
+# After a refusal, how long what the client still sends is read and dropped.
+LINGER = 5.0
 
 
 class Endpoints:
@@ -89,20 +95,48 @@ class FirstRequest(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.head += data
-        end = self.head.find(b"\r\n\r\n")
-        if end < 0 and len(self.head) <= HEAD_LIMIT:
+        end = self.head.find(b"\r\n\r\n") + 4
+        if end < 4 and len(self.head) <= HEAD_LIMIT:
             return
-        assert self.transport is not None and self.timer is not None
+        transport, endpoints = self.transport, self.endpoints
+        assert transport is not None and self.timer is not None
         self.timer.cancel()
-        endpoints = self.endpoints
-        if end >= 0 and is_upgrade(self.head[:end], endpoints.runtime.config.websocket):
-            websocket.upgrade(self.transport, self.head, endpoints.runtime, endpoints.sockets)
-        else:
-            endpoints.to_web(self.transport, self.head)
+        head, tail = self.head[:end], self.head[end:]
+        if end < 4 or end > HEAD_LIMIT:
+            refuse(transport, 431, HEAD_TOO_LARGE)
+        elif not is_upgrade(head, endpoints.runtime.config.websocket):
+            endpoints.to_web(transport, self.head)
+        elif websocket.upgrade(transport, head, tail, endpoints.runtime, endpoints.sockets) is None:
+            refuse(transport, 431, UPGRADE_TOO_LARGE)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
+
+
+def refuse(transport: asyncio.Transport, status: int, message: str) -> None:
+    """Answer a request that goes no further, with a JSON error, and close."""
+    body = protocol.error(message)
+    reason = http.HTTPStatus(status).phrase.encode()
+    head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+    transport.write(head % (status, reason, len(body)) + body)
+    transport.set_protocol(Lingering(transport))
+
+
+class Lingering(asyncio.Protocol):
+    """After a refusal: read what the client still sends, for LINGER seconds
+    at most, and drop it. Closing with unread bytes would reset the
+    connection, and the client could lose the answer (nginx's lingering close)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        transport.write_eof()
+        self.timer = asyncio.get_running_loop().call_later(LINGER, transport.close)
+
+    def eof_received(self) -> bool:
+        return False  # the client is done: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()
 
 
 def is_upgrade(head: bytes, path: str) -> bool:

@@ -16,6 +16,7 @@ from aiohttp import web
 from . import payloads, protocol, websocket
 from .config import Config
 from .errors import ActionLoopError, TooLarge
+from .listener import HEAD_LIMIT, UPGRADE_TOO_LARGE
 from .metrics import CONTENT_TYPE
 from .runtime import Runtime
 from .websocket import Sockets
@@ -68,7 +69,11 @@ async def handle_websocket(request: web.Request) -> web.StreamResponse:
     version = request.version
     head = [f"{request.method} {request.raw_path} HTTP/{version.major}.{version.minor}\r\n".encode()]
     head += [name + b": " + value + b"\r\n" for name, value in request.raw_headers]
-    ws = websocket.upgrade(transport, b"".join(head) + b"\r\n", request.app[RUNTIME], request.app[SOCKETS])
+    ws = websocket.upgrade(transport, b"".join(head) + b"\r\n", b"", request.app[RUNTIME], request.app[SOCKETS])
+    if ws is None:
+        response = json_response(protocol.error(UPGRADE_TOO_LARGE), 431)
+        response.force_close()
+        return response
     await ws.transport.wait_disconnected()
     # The connection was picows' and is closed: aiohttp lets it go without
     # writing anything more (its write fails on the closed transport).
@@ -131,6 +136,9 @@ async def make_runner(runtime: Runtime, sockets: Sockets) -> web.AppRunner:
         access_log=None,
         handle_signals=False,
         shutdown_timeout=runtime.config.drain_timeout,
+        # A header line may take the whole head (a browser's one Cookie line).
+        max_line_size=HEAD_LIMIT,
+        max_field_size=HEAD_LIMIT,
     )
     await runner.setup()
     return runner

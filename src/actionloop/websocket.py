@@ -10,6 +10,7 @@ message, hands it to the runtime and formats the reply (SPEC.md part B).
 from __future__ import annotations
 
 import asyncio
+import codecs
 import collections
 import itertools
 import logging
@@ -38,6 +39,13 @@ from .runtime import Runtime, Session
 GOING_AWAY = b"server shutting down"
 # Bytes of messages taken off a socket while one is being answered, at most.
 READ_AHEAD = 64 * 1024
+# Each frame of a message, and each message waiting, counts for at least this
+# many bytes against OW_WEBSOCKET_MAX_MESSAGE and READ_AHEAD: empty ones are
+# bounded in number too (SPEC.md part C), at 65,536 frames a message and
+# 1,024 messages waiting on the defaults.
+FRAME_COST = 64
+# Close codes a client may send (RFC 6455 7.4; 1012-1014 registered since).
+CLOSE_CODES = frozenset((*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)))
 # After our close frame, how long the client has to answer it.
 CLOSE_WAIT = 5.0
 # The same, for the connections still open when the drain timeout is up.
@@ -162,8 +170,9 @@ class Conversation(WSListener):
         self.pending: collections.deque[tuple[WSMsgType, bytes]] = collections.deque()
         self.pending_bytes = 0
         self.parts: list[bytes] = []  # a fragmented message so far
-        self.parts_type = WSMsgType.TEXT
+        self.parts_type: WSMsgType | None = None  # while one is coming
         self.parts_bytes = 0
+        self.parts_text: codecs.IncrementalDecoder | None = None  # checks a text message's UTF-8 as it comes
         self.busy = False
         self.reply_type = WSMsgType.TEXT
         self.pumping = False
@@ -210,21 +219,50 @@ class Conversation(WSListener):
         self._pump()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        """One frame; picows has checked opcodes, masking and control frames (RFC 6455 5)."""
         kind = frame.msg_type
-        if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
-            if frame.fin and not self.parts:
+        if kind is WSMsgType.CLOSE:
+            self._close_frame(transport, frame)
+        elif self.closing:
+            return  # after our close frame, data is ignored (RFC 6455 1.4)
+        elif frame.rsv1 or frame.rsv2 or frame.rsv3:
+            self._fail(WSCloseCode.PROTOCOL_ERROR, b"reserved bits set, no extension was agreed")
+        elif kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+            if self.parts_type is not None:
+                self._fail(WSCloseCode.PROTOCOL_ERROR, b"a new message inside a fragmented one")
+            elif frame.fin:
                 self._take(kind, frame.get_payload_as_bytes())
             else:
                 self.parts_type = kind
+                if kind is WSMsgType.TEXT:
+                    self.parts_text = codecs.getincrementaldecoder("utf-8")()
                 self._add_part(frame)
         elif kind is WSMsgType.CONTINUATION:
-            self._add_part(frame)
-        elif kind is WSMsgType.CLOSE:
-            if self.close_code is None:
-                self.close_code = frame.get_close_code().value
-            if not transport.is_close_frame_sent:
-                transport.send_close(frame.get_close_code())
-            transport.disconnect()
+            if self.parts_type is None:
+                self._fail(WSCloseCode.PROTOCOL_ERROR, b"a continuation frame with nothing to continue")
+            else:
+                self._add_part(frame)
+
+    def _close_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        """The client's close: echo its code, 1000 for an empty one, 1002 for an invalid one (RFC 6455 5.5.1, 7.4)."""
+        payload = frame.get_payload_as_bytes()
+        code = int.from_bytes(payload[:2], "big") if payload else WSCloseCode.OK.value
+        if self.close_code is None:
+            self.close_code = code if payload else None
+        if not transport.is_close_frame_sent:
+            transport.send_close(WSCloseCode(code) if code in CLOSE_CODES else WSCloseCode.PROTOCOL_ERROR)
+        transport.disconnect()
+
+    def _fail(self, code: WSCloseCode, reason: bytes) -> None:
+        """The client broke RFC 6455: close with `code`, forget the message in progress."""
+        self.metrics.error("protocol_error")
+        self._forget_parts()
+        self.close(code, reason)
+
+    def _forget_parts(self) -> None:
+        self.parts.clear()
+        self.parts_type = self.parts_text = None
+        self.parts_bytes = 0
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self.idle is not None:
@@ -258,16 +296,24 @@ class Conversation(WSListener):
         self._flow()
 
     def _add_part(self, frame: WSFrame) -> None:
-        self.parts.append(frame.get_payload_as_bytes())
-        self.parts_bytes += frame.payload_size
+        payload = frame.get_payload_as_bytes()
+        self.parts_bytes += max(len(payload), FRAME_COST)
         if self.parts_bytes > self.runtime.config.max_message:
-            self.parts.clear()
+            self._forget_parts()
             self.close(WSCloseCode.MESSAGE_TOO_BIG, b"message too big")
-        elif frame.fin:
-            data = b"".join(self.parts)
-            self.parts.clear()
-            self.parts_bytes = 0
-            self._take(self.parts_type, data)
+            return
+        if self.parts_text is not None:
+            try:
+                self.parts_text.decode(payload, frame.fin)
+            except UnicodeDecodeError:
+                self._fail(WSCloseCode.INVALID_TEXT, b"invalid UTF-8 in a text message")
+                return
+        self.parts.append(payload)
+        if frame.fin:
+            kind, data = self.parts_type, b"".join(self.parts)
+            self._forget_parts()
+            assert kind is not None
+            self._take(kind, data)
 
     def _flow(self) -> None:
         """Read from the client only while it reads its replies and little is waiting."""
@@ -285,7 +331,7 @@ class Conversation(WSListener):
             return
         self.metrics.received += 1
         self.pending.append((kind, data))
-        self.pending_bytes += len(data)
+        self.pending_bytes += max(len(data), FRAME_COST)
         if self.pending_bytes > READ_AHEAD:
             self._flow()
         self._pump()
@@ -297,7 +343,7 @@ class Conversation(WSListener):
         try:
             while self.pending and self.ready and not self.busy and not self.closing:
                 kind, data = self.pending.popleft()
-                self.pending_bytes -= len(data)
+                self.pending_bytes -= max(len(data), FRAME_COST)
                 self.busy = True
                 self.reply_type = kind  # the reply goes in the frame type of the message
                 self.sockets.busy.add(self)
@@ -313,6 +359,12 @@ class Conversation(WSListener):
         try:
             value = protocol.loads(data)
         except protocol.JSON_ERRORS as exc:
+            if self.reply_type is WSMsgType.TEXT and not is_utf8(data):
+                # Invalid UTF-8 in a text message fails the connection (RFC 6455 8.1);
+                # checked only here, as valid JSON is valid UTF-8.
+                self._fail(WSCloseCode.INVALID_TEXT, b"invalid UTF-8 in a text message")
+                self._reply(b"")  # goes nowhere: the close frame is out
+                return
             self.metrics.error("bad_json")
             self._answered(RequestError(f"The message is not valid JSON: {exc}"))
             return
@@ -360,6 +412,14 @@ class Conversation(WSListener):
         else:
             self.idle = None
             self.close(WSCloseCode.OK, b"idle timeout")
+
+
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def drain(sockets: Sockets) -> None:

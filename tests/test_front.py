@@ -1,0 +1,203 @@
+"""The front door and the HTTP side, over raw sockets (SPEC.md parts B and C):
+request heads of any size a browser sends, token lists, stage timeouts,
+logs of malformed requests."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from typing import Any
+
+import pytest
+from conftest import EXAMPLES, IMAGE_ENV, TIME_FACTOR
+
+TIMEOUT = 20 * TIME_FACTOR
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+class Raw:
+    """One client connection over a plain socket: bytes out, heads and frames in."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.data = b""
+
+    def __enter__(self) -> Raw:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise EOFError(f"closed; had {self.data[:200]!r}")
+        self.data += chunk
+
+    def take(self, size: int) -> bytes:
+        while len(self.data) < size:
+            self._fill()
+        taken, self.data = self.data[:size], self.data[size:]
+        return taken
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        """Status, headers (lower-cased names) and body of one HTTP response."""
+        while b"\r\n\r\n" not in self.data:
+            self._fill()
+        head, self.data = self.data.split(b"\r\n\r\n", 1)
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+        body = self.take(int(headers.get("content-length", "0")))
+        return int(status_line.split()[1]), headers, body
+
+    def frame(self) -> tuple[int, bytes]:
+        """Opcode and payload of one (unmasked, unfragmented) frame from the server."""
+        first, second = self.take(2)
+        size = second & 0x7F
+        if size >= 126:
+            size = int.from_bytes(self.take(2 if size == 126 else 8), "big")
+        return first & 0x0F, self.take(size)
+
+    def ask(self, message: Any) -> Any:
+        """One text message out, its reply parsed."""
+        self.send(text_frame(json.dumps(message)))
+        opcode, payload = self.frame()
+        assert opcode == 1, (opcode, payload)
+        return json.loads(payload)
+
+    def closed_within(self, seconds: float) -> bool:
+        """True if the server closes the connection within `seconds` (bytes before are dropped)."""
+        self.sock.settimeout(seconds * TIME_FACTOR)
+        try:
+            while self.sock.recv(65536):
+                pass
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            pass
+        return True
+
+
+def text_frame(text: str) -> bytes:
+    """A masked text frame, as a client must send it (RFC 6455, 5.3)."""
+    payload, mask = text.encode(), os.urandom(4)
+    size = len(payload)
+    length = bytes([0x80 | size]) if size < 126 else bytes([0x80 | 126]) + size.to_bytes(2, "big")
+    return b"\x81" + length + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def upgrade_head(path: str = "/hello", connection: str = "Upgrade", extra: str = "", key: str = KEY) -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: {connection}\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    ).encode()
+
+
+def ws_server(start_server: Any, **env: str) -> Any:
+    return start_server({**IMAGE_ENV, "OW_WEBSOCKET": "/hello", "OW_AUTOINIT": str(EXAMPLES / "hello.py"), **env})
+
+
+def cookies(total: int) -> str:
+    """One Cookie line, as a browser sends it, of about `total` bytes."""
+    count = total // 100
+    return "Cookie: " + "; ".join(f"c{i}={'v' * 95}" for i in range(count)) + "\r\n"
+
+
+# ---------------------------------------------------------------- head sizes
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        f"Cookie: a={'x' * 1500}\r\nCookie: b={'y' * 1500}\r\n",
+        cookies(12_000),
+        f"Cookie: a={'x' * 1500}\r\nX-Filler: {'f' * 20_000}\r\n",  # over picows' own 16 KiB, under ours
+    ],
+    ids=["two-1500-byte-cookies", "12-KB-of-cookies", "20-KB-header"],
+)
+def test_upgrade_with_long_head(start_server: Any, extra: str) -> None:
+    """A browser's upgrade with many cookies is accepted and served (101, then a reply)."""
+    server = ws_server(start_server)
+    with Raw(server.port) as client:
+        client.send(upgrade_head(extra=extra))
+        assert client.response()[0] == 101
+        assert client.ask({"name": "c"}) == {"greeting": "Hello, c!"}
+
+
+def test_upgrade_with_long_token_in_url(start_server: Any) -> None:
+    """A long ?token= in the URL (a JWT, say) passes the token check and the upgrade."""
+    token = "t" * 3000
+    server = ws_server(start_server, OW_WEBSOCKET_TOKEN=token)
+    with Raw(server.port) as client:
+        client.send(upgrade_head(path=f"/hello?token={token}", extra=cookies(4000)))
+        assert client.response()[0] == 101
+        assert client.ask({"name": "t"}) == {"greeting": "Hello, t!"}
+
+
+@pytest.mark.parametrize("upgrade", [True, False], ids=["upgrade", "plain"])
+def test_head_over_limit_is_431(start_server: Any, upgrade: bool) -> None:
+    """A 100 KB head gets 431 with a JSON error and Connection: close, never silence."""
+    server = ws_server(start_server)
+    filler = f"X-Filler: {'f' * 100_000}\r\n"
+    head = upgrade_head(extra=filler) if upgrade else f"GET /healthz HTTP/1.1\r\nHost: x\r\n{filler}\r\n".encode()
+    with Raw(server.port) as client:
+        client.send(head)
+        status, headers, body = client.response()
+        assert status == 431 and headers["connection"] == "close"
+        assert "larger than 32768 bytes" in json.loads(body)["error"]
+        assert client.closed_within(10)
+
+
+def test_plain_request_with_long_cookie(start_server: Any) -> None:
+    """Plain HTTP takes the same heads: a 12 KB Cookie line, first and on a kept-alive connection."""
+    server = ws_server(start_server)
+    request = f"GET /healthz HTTP/1.1\r\nHost: x\r\n{cookies(12_000)}\r\n".encode()
+    with Raw(server.port) as client:
+        client.send(request)
+        assert client.response()[0] == 200
+        client.send(request)
+        assert client.response()[0] == 200
+
+
+# --------------------------------------------------------------- token lists
+
+
+@pytest.mark.parametrize(
+    "connection",
+    [
+        "keep-alive, Upgrade",
+        "upgrade",
+        "Upgrade, keep-alive",
+        "keep-alive,UPGRADE",
+        "keep-alive\r\nConnection: Upgrade",
+    ],
+)
+def test_connection_token_list(start_server: Any, connection: str) -> None:
+    """`Connection: keep-alive, Upgrade` (a token list, any case, even split over lines) upgrades."""
+    server = ws_server(start_server)
+    with Raw(server.port) as client:
+        client.send(upgrade_head(connection=connection))
+        status, headers, _ = client.response()
+        assert status == 101 and headers["upgrade"].lower() == "websocket"
+        assert client.ask({"name": "k"}) == {"greeting": "Hello, k!"}
+
+
+def test_connection_without_upgrade_is_400(start_server: Any) -> None:
+    """Connection: keep-alive alone is not a handshake: 400 with a JSON error."""
+    server = ws_server(start_server)
+    with Raw(server.port) as client:
+        client.send(upgrade_head(connection="keep-alive"))
+        status, _, body = client.response()
+        assert status == 400 and "WebSocket" in json.loads(body)["error"]
+
+
+def wait_until(check: Any, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds * TIME_FACTOR
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
