@@ -23,6 +23,7 @@ from . import protocol
 from .errors import ActionLoopError, RequestError
 from .handshake import SUBPROTOCOL, offered_subprotocols, refusal
 from .picows_server import (
+    PICOWS_HEAD_LIMIT,
     WSAutoPingStrategy,
     WSCloseCode,
     WSFrame,
@@ -33,6 +34,8 @@ from .picows_server import (
     WSUpgradeRequest,
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
+    feed,
+    head_for_picows,
 )
 from .runtime import Runtime, Session
 
@@ -116,9 +119,17 @@ def answer_handshake(
     return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(extra), conversation)
 
 
-def upgrade(transport: asyncio.Transport, data: bytes, runtime: Runtime, sockets: Sockets) -> WSProtocol:
-    """Give a connection to picows, with the bytes read from it so far (the
-    upgrade request, whole). picows answers the handshake, then frames it."""
+def upgrade(
+    transport: asyncio.Transport, head: bytes, tail: bytes, runtime: Runtime, sockets: Sockets
+) -> WSProtocol | None:
+    """Give a connection to picows, with the bytes read from it so far: the
+    upgrade request's head, whole, and what came after it. picows answers
+    the handshake, then frames it. None, and the connection untouched, if
+    even the lines picows reads are too long for it (the caller answers 431).
+    """
+    head = head_for_picows(head)
+    if len(head) >= PICOWS_HEAD_LIMIT:
+        return None
     peer = transport.get_extra_info("peername")
     remote = peer[0] if isinstance(peer, tuple) else None
     ping = runtime.config.ping_interval
@@ -141,9 +152,7 @@ def upgrade(transport: asyncio.Transport, data: bytes, runtime: Runtime, sockets
     )
     transport.set_protocol(ws)
     ws.connection_made(transport)
-    buffer = ws.get_buffer(len(data))
-    buffer[: len(data)] = data
-    ws.buffer_updated(len(data))
+    feed(ws, head + tail)
     return ws
 
 
