@@ -4,14 +4,21 @@ logs of malformed requests."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import EXAMPLES, IMAGE_ENV, TIME_FACTOR
+
+from actionloop.config import Config
+from actionloop.listener import Endpoints, listen
+from actionloop.runtime import Runtime
+from actionloop.websocket import Sockets
 
 TIMEOUT = 20 * TIME_FACTOR
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -194,6 +201,65 @@ def test_connection_without_upgrade_is_400(start_server: Any) -> None:
         client.send(upgrade_head(connection="keep-alive"))
         status, _, body = client.response()
         assert status == 400 and "WebSocket" in json.loads(body)["error"]
+
+
+# ------------------------------------------------- connection mode's slots
+
+
+BAD_HANDSHAKES = [
+    upgrade_head(key="abc"),  # picows checked the key only after our rules had taken a slot
+    upgrade_head(key="dGhlIHNhbXBsZSBub25j"),
+    upgrade_head(connection="keep-alive"),
+    upgrade_head(connection="close"),
+    upgrade_head(key="%%%%%%%%%%%%%%%%%%%%%%%%"),
+]
+
+
+def test_refused_handshakes_hold_no_process(start_server: Any) -> None:
+    """Connection mode: refused handshakes keep no process slot; the 503 at the cap still comes at the handshake."""
+    server = ws_server(start_server, OW_PROCESS_MODE="connection", OW_MAX_PROCESSES="2")
+    for head in BAD_HANDSHAKES:
+        with Raw(server.port) as client:
+            client.send(head)
+            assert client.response()[0] == 400
+    with Raw(server.port) as first, Raw(server.port) as second, Raw(server.port) as third:
+        for client in (first, second):
+            client.send(upgrade_head())
+            assert client.response()[0] == 101
+            assert client.ask({"name": "s"}) == {"greeting": "Hello, s!"}
+        third.send(upgrade_head())
+        status, _, body = third.response()
+        assert status == 503 and "try again later" in json.loads(body)["error"]
+
+
+def test_picows_refusal_after_ours_holds_no_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A handshake our rules pass but picows refuses (a bad key, our key check off) takes no process slot."""
+    from actionloop import handshake
+
+    monkeypatch.setattr(handshake, "key_valid", lambda key: True)
+    asyncio.run(refused_by_picows_only(tmp_path))
+
+
+async def refused_by_picows_only(tmp_path: Path) -> None:
+    config = Config(
+        websocket="/hello", mode="connection", max_processes=1, action_dir=tmp_path, host="127.0.0.1", port=0
+    )
+    runtime = Runtime(config)
+    await runtime.autoinit(str(EXAMPLES / "hello.py"), "main")
+    endpoints = Endpoints(runtime, Sockets())
+    server = await listen(endpoints)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        for head in (upgrade_head(key="abc"), upgrade_head(key="abc"), upgrade_head()):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head)
+            status = await asyncio.wait_for(reader.readline(), TIMEOUT)
+            writer.close()
+            assert status.split()[1] == (b"101" if head == upgrade_head() else b"400"), status
+    finally:
+        server.close()
+        await endpoints.close()
+        await runtime.close()
 
 
 def wait_until(check: Any, seconds: float = 10) -> None:

@@ -227,12 +227,17 @@ class Runtime:
         """
         if self.config.mode != "connection" or self._start is None:
             return Session(self, connection, None)
-        if self.own_processes >= self.config.max_processes:
-            raise Unavailable("Too many connections with their own action process; try again later.")
+        self.check_room()
         self.own_processes += 1
         runner = Single(self._start, self.config.stop_grace, self.metrics.restarted)
         self._own_runners.add(runner)
         return Session(self, connection, runner)
+
+    def check_room(self) -> None:
+        """Unavailable if a new connection could not have a process of its own now."""
+        own = self.config.mode == "connection" and self._start is not None
+        if own and self.own_processes >= self.config.max_processes:
+            raise Unavailable("Too many connections with their own action process; try again later.")
 
     async def autoinit(self, path: str, main: str) -> None:
         """Initialise from a file as if it came to /init (SPEC.md part B)."""

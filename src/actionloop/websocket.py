@@ -108,14 +108,13 @@ def answer_handshake(
     if why is not None:
         runtime.metrics.error(why.kind)
         return refused(why.status, why.message, {"WWW-Authenticate": "Bearer"} if why.status == 401 else None)
-    connection = f"ws-{next(_ids)}"
     try:
-        session = runtime.session(connection)
+        runtime.check_room()  # the process slot itself is taken in on_ws_connected
     except ActionLoopError as exc:  # connection mode: too many processes already
         runtime.metrics.error("too_many_processes")
         return refused(exc.status, exc.message)
     extra = {"Sec-WebSocket-Protocol": SUBPROTOCOL} if SUBPROTOCOL in offered_subprotocols(headers) else None
-    conversation = Conversation(session, sockets, remote, target.path)
+    conversation = Conversation(runtime, f"ws-{next(_ids)}", sockets, remote, target.path)
     return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(extra), conversation)
 
 
@@ -166,11 +165,11 @@ class Conversation(WSListener):
     reading its replies, the socket is not read, so TCP holds the client back.
     """
 
-    def __init__(self, session: Session, sockets: Sockets, remote: str | None, path: str) -> None:
-        self.session = session
+    def __init__(self, runtime: Runtime, connection: str, sockets: Sockets, remote: str | None, path: str) -> None:
+        self.session = Session(runtime, connection, None)  # the real one comes in on_ws_connected
         self.path = path
-        self.runtime = session.runtime
-        self.metrics = session.runtime.metrics
+        self.runtime = runtime
+        self.metrics = runtime.metrics
         self.sockets = sockets
         self.remote = remote
         self.loop = asyncio.get_running_loop()
@@ -202,6 +201,11 @@ class Conversation(WSListener):
         self.sockets.open.add(self)
         self.metrics.connections += 1
         self.metrics.opened += 1
+        # A process slot (connection mode) is taken only now that picows has
+        # accepted the handshake, so one it refuses after answer_handshake
+        # holds none (SPEC.md part C); answer_handshake checked for room in
+        # this same call, so there is room.
+        self.session = self.runtime.session(self.session.connection)
         timeout = self.runtime.config.idle_timeout
         if timeout:
             self.idle = self.loop.call_later(timeout, self._idle_check)
