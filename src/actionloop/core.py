@@ -68,6 +68,13 @@ NOT_STARTED = NotStarted()
 Outcome = bytes | ActionLoopError | NotStarted
 
 
+def _outcome(result: bytes) -> bytes | BadResult:
+    try:
+        return protocol.check_result(result)
+    except protocol.JSON_ERRORS:
+        return BadResult()
+
+
 class Phase(enum.Enum):
     STARTING = "starting"
     RUNNING = "running"
@@ -119,8 +126,11 @@ class LineProtocol(Generic[Caller]):
             self._become(Phase.RUNNING)
 
     def send(self, line: bytes, caller: Caller) -> tuple[bytes, ...]:
-        """Pair `caller` with the activation `line`; return the bytes to write to stdin."""
-        if not self.room:
+        """Pair `caller` with the activation `line`; return the bytes to write to stdin.
+
+        Only while `room` says so (the process layer asks first).
+        """
+        if len(self.in_flight) >= self.depth or self.phase is not Phase.RUNNING:
             raise RuntimeError("no room for another activation line")
         if not self.key:
             self.in_flight.append((caller, b""))
@@ -135,7 +145,12 @@ class LineProtocol(Generic[Caller]):
         if self.phase is Phase.BROKEN or self.phase is Phase.ENDED:
             return []  # the process is being killed; nothing it says counts
         if not self._buffer and not self._skipping and data.endswith(b"\n") and data.count(b"\n") == 1:
-            lines = [data]  # the usual case: exactly one whole line
+            if self.in_flight and self.phase is Phase.RUNNING:  # the usual case: one result, awaited
+                caller, tag = self.in_flight[0]
+                if data.startswith(tag) and len(data) - len(tag) <= self.max_result + 1:
+                    self.in_flight.popleft()
+                    return [(caller, _outcome(data[len(tag) :] if tag else data))]
+            lines = [data]
         else:
             lines = self._split(data)
         outcomes: list[tuple[Caller, Outcome]] = []
@@ -172,13 +187,8 @@ class LineProtocol(Generic[Caller]):
             return
         self.in_flight.popleft()
         result = line[len(tag) :]
-        if len(result) > self.max_result + 1:
-            outcomes.append((caller, ResultTooLarge(self.max_result)))
-            return
-        try:
-            outcomes.append((caller, protocol.check_result(result)))
-        except protocol.JSON_ERRORS:
-            outcomes.append((caller, BadResult()))
+        too_large = len(result) > self.max_result + 1
+        outcomes.append((caller, ResultTooLarge(self.max_result) if too_large else _outcome(result)))
 
     def _first_line(self, line: bytes) -> None:
         if not self.ack:

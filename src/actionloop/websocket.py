@@ -234,7 +234,14 @@ class Conversation(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         """One frame; picows has checked opcodes, masking and control frames (RFC 6455 5)."""
         kind = frame.msg_type
-        if kind is WSMsgType.CLOSE:
+        if (
+            (kind is WSMsgType.TEXT or kind is WSMsgType.BINARY)
+            and frame.fin
+            and self.parts_type is None
+            and not (frame.rsv1 or frame.rsv2 or frame.rsv3 or self.closing)
+        ):
+            self._take(kind, frame.get_payload_as_bytes())  # the usual case: a whole message
+        elif kind is WSMsgType.CLOSE:
             self._close_frame(transport, frame)
         elif self.closing:
             return  # after our close frame, data is ignored (RFC 6455 1.4)
@@ -344,7 +351,8 @@ class Conversation(WSListener):
             return
         self.metrics.received += 1
         self.pending.append((kind, data))
-        self.pending_bytes += max(len(data), FRAME_COST)
+        size = len(data)
+        self.pending_bytes += size if size > FRAME_COST else FRAME_COST
         if self.pending_bytes > READ_AHEAD:
             self._flow()
         self._pump()
@@ -356,7 +364,8 @@ class Conversation(WSListener):
         try:
             while self.pending and self.ready and not self.busy and not self.closing:
                 kind, data = self.pending.popleft()
-                self.pending_bytes -= max(len(data), FRAME_COST)
+                size = len(data)
+                self.pending_bytes -= size if size > FRAME_COST else FRAME_COST
                 self.busy = True
                 self.reply_type = kind  # the reply goes in the frame type of the message
                 self.sockets.busy.add(self)
