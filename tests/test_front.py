@@ -262,6 +262,50 @@ async def refused_by_picows_only(tmp_path: Path) -> None:
         await runtime.close()
 
 
+# ---------------------------------------------------- /init and /run guarded
+
+
+def http(server: Any, method: str, path: str, body: bytes = b"", **headers: str) -> tuple[int, dict[str, str], bytes]:
+    """One request on its own connection (Connection: close): status, headers, body."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}", "Connection: close"]
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    with Raw(server.port) as client:
+        client.send(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        return client.response()
+
+
+RUN = json.dumps({"value": {"name": "r"}}).encode()
+INIT = json.dumps({"value": {"code": "def main(a):\n    return a\n"}}).encode()
+
+
+def test_token_guards_init_and_run(start_server: Any) -> None:
+    """With OW_WEBSOCKET_TOKEN, /init and /run need it too (401 without, 403 wrong); health, metrics, demo stay open."""
+    server = ws_server(start_server, OW_WEBSOCKET_TOKEN="s3cret", OW_DEMO="1", OW_DEBUG="1")
+    for path, body in (("/run", RUN), ("/init", INIT)):
+        status, headers, reply = http(server, "POST", path, body, Content_Type="text/plain")
+        assert status == 401 and headers["www-authenticate"] == "Bearer" and "token" in json.loads(reply)["error"]
+        assert http(server, "POST", path, body, Authorization="Bearer wrong")[0] == 403
+        assert http(server, "POST", path + "?token=wrong", body)[0] == 403
+    status, _, reply = http(server, "POST", "/run", RUN, Authorization="Bearer s3cret")
+    assert status == 200 and json.loads(reply) == {"greeting": "Hello, r!"}
+    assert http(server, "POST", "/run?token=s3cret", RUN)[0] == 200
+    assert http(server, "POST", "/init", INIT, Authorization="Bearer s3cret")[0] == 200
+    for path in ("/healthz", "/readyz", "/metrics", "/"):
+        assert http(server, "GET", path)[0] == 200, path
+
+
+def test_origin_guards_init_and_run(start_server: Any) -> None:
+    """With OW_WEBSOCKET_ORIGIN, a cross-site POST (text/plain: no preflight) is 403; no Origin is not a browser."""
+    server = ws_server(start_server, OW_WEBSOCKET_ORIGIN="app.example.com")
+    for path, body in (("/run", RUN), ("/init", INIT)):
+        status, _, reply = http(server, "POST", path, body, Content_Type="text/plain", Origin="https://evil.example")
+        assert status == 403 and "origin" in json.loads(reply)["error"]
+        assert http(server, "POST", path, body, Origin="null")[0] == 403
+    assert http(server, "POST", "/run", RUN, Origin="https://app.example.com")[0] == 200
+    assert http(server, "POST", "/run", RUN)[0] == 200
+    assert http(server, "GET", "/healthz", Origin="https://evil.example")[0] == 200
+
+
 def wait_until(check: Any, seconds: float = 10) -> None:
     deadline = time.monotonic() + seconds * TIME_FACTOR
     while not check():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from actionloop.config import Config
-from actionloop.handshake import origin_allowed, presented_token, refusal
+from actionloop.handshake import origin_allowed, presented_token, refusal, request_refusal
 
 GOOD = {
     "Upgrade": "websocket",
@@ -95,3 +95,15 @@ def test_token_lists(connection: str, upgrade: str, ok: bool) -> None:
 def test_bad_keys(key: str) -> None:
     """A Sec-WebSocket-Key that is not 16 bytes in base64 is refused by us (400), before any reservation."""
     assert status({**GOOD, "Sec-WebSocket-Key": key}, Config()) == 400
+
+
+def test_request_rules() -> None:
+    """/init and /run take the origin and token rules, with no handshake headers."""
+    config = Config(origins=("a.example",), token="t0k")
+    assert request_refusal({}, {}, Config()) is None
+    assert request_refusal({"Authorization": "Bearer t0k"}, {}, config) is None
+    assert request_refusal({}, {"token": ["t0k"]}, config) is None
+    assert getattr(request_refusal({}, {}, config), "status", None) == 401
+    assert getattr(request_refusal({"Authorization": "Bearer x"}, {}, config), "status", None) == 403
+    refused = request_refusal({"Origin": "https://evil.example"}, {"token": ["t0k"]}, config)
+    assert refused is not None and (refused.status, refused.kind) == (403, "origin_refused")

@@ -1,6 +1,7 @@
 """Whether a WebSocket handshake is accepted, with no I/O (SPEC.md parts B and C).
 
-Refused before the upgrade, in this order:
+/init and /run take the origin and token rules (`request_refusal`).
+A handshake is refused before the upgrade, in this order:
   400 not a WebSocket handshake (RFC 6455, 4.2.1: version 13, a valid key);
   403 another site's Origin;
   401 no token / 403 wrong token (when one is set);
@@ -103,6 +104,15 @@ def token_refusal(headers: Mapping[str, str], query: Mapping[str, list[str]], to
     return None
 
 
+def request_refusal(headers: Mapping[str, str], query: Mapping[str, list[str]], config: Config) -> Refusal | None:
+    """What a handshake, /init and /run all need: not another site's Origin
+    (403), and the token when one is set (401, 403). A cross-site POST of
+    text/plain needs no CORS preflight, so /init and /run check too."""
+    if not origin_allowed(headers.get("Origin"), config.origins):
+        return Refusal(403, "This origin may not use this server.", "origin_refused")
+    return token_refusal(headers, query, config.token)
+
+
 def refusal(
     headers: Mapping[str, str], query: Mapping[str, list[str]], config: Config, open_connections: int, draining: bool
 ) -> Refusal | None:
@@ -113,9 +123,7 @@ def refusal(
         return Refusal(400, "Only WebSocket version 13 is spoken here.", "bad_handshake")
     if not key_valid(headers.get("Sec-WebSocket-Key", "")):
         return Refusal(400, "Sec-WebSocket-Key must be 16 bytes in base64.", "bad_handshake")
-    if not origin_allowed(headers.get("Origin"), config.origins):
-        return Refusal(403, "This origin may not open a WebSocket here.", "origin_refused")
-    refused = token_refusal(headers, query, config.token)
+    refused = request_refusal(headers, query, config)
     if refused is not None:
         return refused
     if draining:

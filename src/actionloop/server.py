@@ -9,6 +9,7 @@ open with a WebSocket upgrade.
 from __future__ import annotations
 
 import html
+import urllib.parse
 from importlib import resources
 
 from aiohttp import web
@@ -16,6 +17,7 @@ from aiohttp import web
 from . import payloads, protocol, websocket
 from .config import Config
 from .errors import ActionLoopError, TooLarge
+from .handshake import request_refusal
 from .listener import HEAD_LIMIT, UPGRADE_TOO_LARGE
 from .metrics import CONTENT_TYPE
 from .runtime import Runtime
@@ -41,8 +43,23 @@ async def read_body(request: web.Request) -> bytes:
         raise TooLarge(f"The request body is larger than {request.client_max_size} bytes.") from exc
 
 
+def refused(request: web.Request) -> web.Response | None:
+    """/init and /run follow the WebSocket's origin and token rules (handshake.py)."""
+    runtime = request.app[RUNTIME]
+    why = request_refusal(request.headers, urllib.parse.parse_qs(request.query_string), runtime.config)
+    if why is None:
+        return None
+    runtime.metrics.error(why.kind)
+    response = json_response(protocol.error(why.message), why.status)
+    if why.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
 async def handle_init(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
+    if (refusal := refused(request)) is not None:
+        return refusal
     try:
         runtime.check_can_init()
         await runtime.init(payloads.parse_init(await read_body(request)))
@@ -53,6 +70,8 @@ async def handle_init(request: web.Request) -> web.Response:
 
 async def handle_run(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
+    if (refusal := refused(request)) is not None:
+        return refusal
     try:
         body = payloads.parse_run(await read_body(request))
         return json_response(await runtime.run(body))
