@@ -112,25 +112,23 @@ def unset_env(key: str, environ: Any = os.environ) -> None:
 STARTED_WITH = {key: value for key, value in os.environ.items() if key.startswith("__OW_")}
 
 
-def set_keys(request: dict[str, Any], previous: set[str]) -> set[str]:
+def set_keys(request: dict[str, Any], previous: dict[str, Any]) -> None:
     """Every key of the activation as `__OW_<KEY>`; the keys of the one before
     that this one lacks are taken away, so none outlives its activation (an
     `api_key` given to /run must not reach later WebSocket activations)."""
-    keys: set[str] = set()
     for key, value in request.items():
-        name = "__OW_" + key.upper()
-        set_env(name, value if isinstance(value, str) else env_text(value))
-        keys.add(name)
-    for name in previous - keys:
-        unset_env(name)
-    return keys
+        set_env("__OW_" + key.upper(), value if isinstance(value, str) else env_text(value))
+    for key in previous:
+        if key not in request:
+            unset_env("__OW_" + key.upper())
 
 
-def activate(entry: Entry, line: bytes, previous: set[str]) -> tuple[bytes, set[str]]:
-    """Run one activation line through the entry point: the result line, the keys set."""
+def activate(entry: Entry, line: bytes, previous: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """Run one activation line through the entry point: the result line, and
+    the activation's keys (the `previous` of the next)."""
     request = json.loads(line.decode("utf-8", errors="surrogateescape"))
     args = request.pop("value", {})
-    keys = set_keys(request, previous)
+    set_keys(request, previous)
     try:
         result = entry(args)
     except Exception as exc:  # noqa: BLE001 - any action error becomes a result
@@ -138,7 +136,7 @@ def activate(entry: Entry, line: bytes, previous: set[str]) -> tuple[bytes, set[
 
         traceback.print_exc()
         result = {"error": str(exc)}
-    return encode(result), keys
+    return encode(result), request
 
 
 def serve(entry: Entry, requests: BinaryIO, results: int, key: bytes = b"") -> None:
@@ -149,13 +147,13 @@ def serve(entry: Entry, requests: BinaryIO, results: int, key: bytes = b"") -> N
     the server delivers no line it cannot pair with the activation it sent.
     """
     stdout, stderr, write = sys.stdout, sys.stderr, os.write
-    tag = b""
-    keys: set[str] = set()
+    tag, tag_start = b"", key + b" "
+    keys: dict[str, Any] = {}
     for received in requests:
         line = received
         if key:
             number = received.find(b" ") + 1
-            tag, line = key + b" " + received[:number], received[number:]
+            tag, line = tag_start + received[:number], received[number:]
         answer, keys = activate(entry, line, keys)
         result = tag + answer
         # Logs first, then the result: the server writes the end-of-activation
