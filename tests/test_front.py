@@ -171,6 +171,23 @@ def test_plain_request_with_long_cookie(start_server: Any) -> None:
         assert client.response()[0] == 200
 
 
+@pytest.mark.parametrize("count", [1, 100], ids=["one-frame", "100-KB-of-frames"])
+def test_upgrade_after_a_request_keeps_the_frames_sent_with_it(start_server: Any, count: int) -> None:
+    """An upgrade on a kept-alive connection, sent in one packet with frames: every frame is answered."""
+    server = ws_server(start_server)
+    names = [f"{i}{'n' * 1000 if count > 1 else ''}" for i in range(count)]
+    with Raw(server.port) as client:
+        client.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert client.response()[0] == 200
+        frames = b"".join(text_frame(json.dumps({"name": name})) for name in names)
+        client.send(upgrade_head(connection="keep-alive, Upgrade") + frames)
+        assert client.response()[0] == 101
+        for name in names:
+            opcode, payload = client.frame()
+            assert opcode == 1 and json.loads(payload) == {"greeting": f"Hello, {name}!"}
+        assert client.ask({"name": "q"}) == {"greeting": "Hello, q!"}
+
+
 # --------------------------------------------------------------- token lists
 
 

@@ -88,7 +88,13 @@ async def handle_websocket(request: web.Request) -> web.StreamResponse:
     version = request.version
     head = [f"{request.method} {request.raw_path} HTTP/{version.major}.{version.minor}\r\n".encode()]
     head += [name + b": " + value + b"\r\n" for name, value in request.raw_headers]
-    ws = websocket.upgrade(transport, b"".join(head) + b"\r\n", b"", request.app[RUNTIME], request.app[SOCKETS])
+    # What came after the head (frames the client sent with the upgrade):
+    # aiohttp keeps it there for its own WebSocket (aiohttp 3.x), and stops
+    # reading once it holds 64 KiB; picows gets it all, and reads on.
+    tail = request.protocol._message_tail
+    if not transport.is_reading():
+        transport.resume_reading()
+    ws = websocket.upgrade(transport, b"".join(head) + b"\r\n", tail, request.app[RUNTIME], request.app[SOCKETS])
     if ws is None:
         response = json_response(protocol.error(UPGRADE_TOO_LARGE), 431)
         response.force_close()
