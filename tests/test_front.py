@@ -323,6 +323,45 @@ def test_origin_guards_init_and_run(start_server: Any) -> None:
     assert http(server, "GET", "/healthz", Origin="https://evil.example")[0] == 200
 
 
+# ------------------------------------------------------------------- timeouts
+
+
+def test_head_timeout(start_server: Any) -> None:
+    """A first request head not done within OW_HEAD_TIMEOUT: the connection is closed."""
+    server = ws_server(start_server, OW_HEAD_TIMEOUT="1")
+    with Raw(server.port) as silent, Raw(server.port) as slow:
+        slow.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        assert silent.closed_within(5) and slow.closed_within(5)
+
+
+def test_keepalive_timeout(start_server: Any) -> None:
+    """A kept-alive connection idle, or slow with its next head, for OW_KEEPALIVE_TIMEOUT is closed."""
+    server = ws_server(start_server, OW_KEEPALIVE_TIMEOUT="1")
+    with Raw(server.port) as idle, Raw(server.port) as slow:
+        for client in (idle, slow):
+            client.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert client.response()[0] == 200
+        slow.send(b"GET /healthz HTTP/1.1\r\n")
+        assert idle.closed_within(5) and slow.closed_within(5)
+
+
+def test_body_timeout(start_server: Any) -> None:
+    """A /run body that stalls for OW_BODY_TIMEOUT gets 408 and a close; a slow but steady one is served."""
+    server = ws_server(start_server, OW_BODY_TIMEOUT="1")
+    head = f"POST /run HTTP/1.1\r\nHost: x\r\nContent-Length: {len(RUN)}\r\n\r\n".encode()
+    with Raw(server.port) as stalled, Raw(server.port) as steady:
+        stalled.send(head + RUN[:5])
+        steady.send(head)
+        for i in range(0, len(RUN), 4):  # over 2 s in all, never 1 s without a byte
+            time.sleep(0.4)
+            steady.send(RUN[i : i + 4])
+        status, headers, body = stalled.response()
+        assert status == 408 and headers["connection"] == "close" and "body" in json.loads(body)["error"]
+        assert stalled.closed_within(10)  # after up to 5 s of reading what may still come
+        status, _, body = steady.response()
+        assert status == 200 and json.loads(body) == {"greeting": "Hello, r!"}
+
+
 def wait_until(check: Any, seconds: float = 10) -> None:
     deadline = time.monotonic() + seconds * TIME_FACTOR
     while not check():

@@ -57,6 +57,9 @@ SETTINGS = (
     Setting("max_connections", "OW_WEBSOCKET_MAX_CONNECTIONS", "most WebSocket connections at once"),
     Setting("idle_timeout", "OW_WEBSOCKET_IDLE_TIMEOUT", "seconds without a message before closing; 0: never"),
     Setting("token", "OW_WEBSOCKET_TOKEN", "shared secret a WebSocket client must present"),
+    Setting("head_timeout", "OW_HEAD_TIMEOUT", "seconds a new connection may take to send its request head"),
+    Setting("body_timeout", "OW_BODY_TIMEOUT", "seconds an /init or /run body may stall between reads"),
+    Setting("keepalive_timeout", "OW_KEEPALIVE_TIMEOUT", "seconds an HTTP connection may wait for its next request"),
 )
 
 
@@ -91,6 +94,14 @@ class Config:
     max_connections: int = 10000
     idle_timeout: float = 3600.0
     token: str = ""
+    # Slow clients hold descriptors: every stage of an HTTP connection has a
+    # limit (README: Limits). Apache's 20 s for a head and a stalled body;
+    # nginx's 75 s keep-alive, longer than the 60 s idle timeout of common
+    # proxies and load balancers, so they close first and never reuse a
+    # connection we are closing.
+    head_timeout: float = 20.0
+    body_timeout: float = 20.0
+    keepalive_timeout: float = 75.0
 
     def __post_init__(self) -> None:
         if self.mode not in ("shared", "pool", "connection"):

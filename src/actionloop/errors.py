@@ -6,7 +6,8 @@ counted as in the `actionloop_errors_total` metric.
 ActionLoopError                 root: the message, the status, the metric kind
 ├── RequestError                the client sent something we cannot use (400)
 │   ├── Forbidden               not allowed: no code, a second init (403)
-│   └── TooLarge                a body over the limit (413)
+│   ├── TooLarge                a body over the limit (413)
+│   └── TooSlow                 a body that stalled (408)
 ├── NoAction                    nothing initialised yet (500)
 ├── Unavailable                 no room now: try again later (503)
 ├── PrepareError                the action's code could not become a program (502)
@@ -54,6 +55,13 @@ class TooLarge(RequestError):
 
     status = 413
     kind = "too_large"
+
+
+class TooSlow(RequestError):
+    """A request body that stopped coming for longer than the body timeout."""
+
+    status = 408
+    kind = "slow_request"
 
 
 class NoAction(ActionLoopError):

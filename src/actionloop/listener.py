@@ -26,8 +26,6 @@ if TYPE_CHECKING:
 HEAD_LIMIT = 32 * 1024
 HEAD_TOO_LARGE = f"The request head is larger than {HEAD_LIMIT} bytes."
 UPGRADE_TOO_LARGE = "The WebSocket request's URL and headers are too long."
-# How long a new connection may take to send its first request head.
-HEAD_TIMEOUT = 75.0
 # After a refusal, how long what the client still sends is read and dropped.
 LINGER = 5.0
 
@@ -91,7 +89,8 @@ class FirstRequest(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment] # a TCP transport
-        self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, transport.close)
+        timeout = self.endpoints.runtime.config.head_timeout  # SPEC.md part C: slow requests are bounded
+        self.timer = asyncio.get_running_loop().call_later(timeout, transport.close)
 
     def data_received(self, data: bytes) -> None:
         self.head += data

@@ -8,6 +8,7 @@ open with a WebSocket upgrade.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import urllib.parse
 from importlib import resources
@@ -16,9 +17,9 @@ from aiohttp import web
 
 from . import payloads, protocol, websocket
 from .config import Config
-from .errors import ActionLoopError, TooLarge
+from .errors import ActionLoopError, TooLarge, TooSlow
 from .handshake import request_refusal
-from .listener import HEAD_LIMIT, UPGRADE_TOO_LARGE
+from .listener import HEAD_LIMIT, LINGER, UPGRADE_TOO_LARGE
 from .metrics import CONTENT_TYPE
 from .runtime import Runtime
 from .websocket import Sockets
@@ -32,15 +33,31 @@ def json_response(body: bytes, status: int = 200) -> web.Response:
     return web.Response(body=body, status=status, content_type=JSON)
 
 
-def error_response(exc: ActionLoopError) -> web.Response:
-    return json_response(protocol.error(exc.message), exc.status)
+def error_response(exc: ActionLoopError, request: web.Request) -> web.Response:
+    response = json_response(protocol.error(exc.message), exc.status)
+    if not request.content.is_eof():
+        response.force_close()  # the rest of the body is not worth reading
+    return response
 
 
 async def read_body(request: web.Request) -> bytes:
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise TooLarge(f"The request body is larger than {request.client_max_size} bytes.") from exc
+    """The body as it comes: TooLarge past OW_MAX_BODY, TooSlow if it stalls
+    for OW_BODY_TIMEOUT (a total limit would fail large bodies on slow links)."""
+    timeout = request.app[RUNTIME].config.body_timeout
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            async with asyncio.timeout(timeout):
+                chunk = await request.content.readany()
+        except TimeoutError as exc:
+            raise TooSlow(f"The request body stalled for {timeout:g} s.") from exc
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > request.client_max_size:
+            raise TooLarge(f"The request body is larger than {request.client_max_size} bytes.")
+        chunks.append(chunk)
 
 
 def refused(request: web.Request) -> web.Response | None:
@@ -64,7 +81,7 @@ async def handle_init(request: web.Request) -> web.Response:
         runtime.check_can_init()
         await runtime.init(payloads.parse_init(await read_body(request)))
     except ActionLoopError as exc:
-        return error_response(exc)
+        return error_response(exc, request)
     return json_response(protocol.OK)
 
 
@@ -76,7 +93,7 @@ async def handle_run(request: web.Request) -> web.Response:
         body = payloads.parse_run(await read_body(request))
         return json_response(await runtime.run(body))
     except ActionLoopError as exc:
-        return error_response(exc)
+        return error_response(exc, request)
 
 
 async def handle_websocket(request: web.Request) -> web.StreamResponse:
@@ -164,6 +181,10 @@ async def make_runner(runtime: Runtime, sockets: Sockets) -> web.AppRunner:
         # A header line may take the whole head (a browser's one Cookie line).
         max_line_size=HEAD_LIMIT,
         max_field_size=HEAD_LIMIT,
+        # Idle between requests, and a later request's head, are bounded by
+        # this: the time until its head is whole, from the reply before.
+        keepalive_timeout=runtime.config.keepalive_timeout,
+        lingering_time=LINGER,  # after an answer given before the body was read
     )
     await runner.setup()
     return runner
