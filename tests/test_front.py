@@ -362,6 +362,39 @@ def test_body_timeout(start_server: Any) -> None:
         assert status == 200 and json.loads(body) == {"greeting": "Hello, r!"}
 
 
+# -------------------------------------------------------------- lazy aiohttp
+
+FAIL_ONCE = """
+import os, sys
+
+class FailOnce:
+    \"\"\"The first import of aiohttp fails, as it would with no descriptors left.\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        marker = os.environ["FAIL_ONCE_MARKER"]
+        if name == "aiohttp" and not os.path.exists(marker):
+            open(marker, "w").close()
+            raise OSError(24, "Too many open files")
+        return None
+
+sys.meta_path.insert(0, FailOnce())
+"""
+
+
+def test_http_side_loads_after_a_failed_first_try(start_server: Any, tmp_path: Path) -> None:
+    """aiohttp's first import failing (descriptors exhausted) is not cached: the next connection loads it."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(FAIL_ONCE)
+    marker = tmp_path / "failed"
+    server = ws_server(start_server, PYTHONPATH=str(tmp_path / "site"), FAIL_ONCE_MARKER=str(marker))
+    status, _, body = http(server, "GET", "/healthz")
+    assert marker.exists() and status == 503 and "try again" in json.loads(body)["error"]
+    for path in ("/healthz", "/metrics"):
+        assert http(server, "GET", path)[0] == 200
+    assert http(server, "POST", "/run", RUN)[0] == 200
+    assert server.err().count("Too many open files") == 1
+
+
 def wait_until(check: Any, seconds: float = 10) -> None:
     deadline = time.monotonic() + seconds * TIME_FACTOR
     while not check():

@@ -15,7 +15,7 @@ import http
 from typing import TYPE_CHECKING
 
 from . import protocol, websocket
-from .runtime import Runtime
+from .runtime import Runtime, log
 from .websocket import Sockets
 
 if TYPE_CHECKING:
@@ -40,15 +40,19 @@ class Endpoints:
         self._loading: asyncio.Future[None] | None = None
 
     def load(self) -> asyncio.Future[None]:
-        """Import aiohttp and build the app, once."""
-        if self._loading is None:
+        """Import aiohttp and build the app, once it works: a failure (no
+        descriptors left at that moment, say) is tried again next time."""
+        if self._loading is None or (self._loading.done() and self.web is None):
             self._loading = asyncio.ensure_future(self._load())
         return self._loading
 
     async def _load(self) -> None:
-        from . import server
+        try:
+            from . import server
 
-        self.web = await server.make_runner(self.runtime, self.sockets)
+            self.web = await server.make_runner(self.runtime, self.sockets)
+        except Exception as exc:  # noqa: BLE001 - any failure: said once, tried again
+            log(f"actionloop: the HTTP side could not start: {exc!r}; the next request tries again")
 
     def to_web(self, transport: asyncio.Transport, data: bytes) -> None:
         if self.web is not None:
@@ -60,14 +64,14 @@ class Endpoints:
     def _give(self, transport: asyncio.Transport, data: bytes, paused: bool = False) -> None:
         if transport.is_closing():
             return
+        if paused:
+            transport.resume_reading()  # what comes next goes to the protocol set below
         if self.web is None or self.web.server is None:  # aiohttp failed to load (logged)
-            transport.close()
+            refuse(transport, 503, "The HTTP side could not start; try again.")
             return
         handler = self.web.server()
         transport.set_protocol(handler)
         handler.connection_made(transport)
-        if paused:
-            transport.resume_reading()
         handler.data_received(data)
 
     async def close(self) -> None:
