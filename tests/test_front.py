@@ -395,6 +395,37 @@ def test_http_side_loads_after_a_failed_first_try(start_server: Any, tmp_path: P
     assert server.err().count("Too many open files") == 1
 
 
+# ------------------------------------------------------- malformed requests
+
+MALFORMED = [
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"POST /run HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n",
+    b"GET / HTTP/9.9\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\n\r\n",  # no Host
+    b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x01b\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # TLS spoken to a plain port
+    b"GET /hello HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nNo colon\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["first-request", "after-a-request"])
+def test_malformed_requests_log_one_line(start_server: Any, later: bool) -> None:
+    """Each malformed request gets 400 and at most one line on stderr, with no traceback."""
+    server = ws_server(start_server)
+    before = server.err().count("\n")
+    for request in MALFORMED:
+        with Raw(server.port) as client:
+            if later:
+                client.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert client.response()[0] == 200
+            client.send(request)
+            assert client.response()[0] == 400, request
+    time.sleep(0.2 * TIME_FACTOR)  # the log is written after the reply
+    log = server.err()
+    assert "Traceback" not in log and log.count("\n") - before <= len(MALFORMED), log
+
+
 def wait_until(check: Any, seconds: float = 10) -> None:
     deadline = time.monotonic() + seconds * TIME_FACTOR
     while not check():

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import html
+import logging
 import urllib.parse
 from importlib import resources
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import payloads, protocol, websocket
 from .config import Config
@@ -24,6 +26,23 @@ from .metrics import CONTENT_TYPE
 from .runtime import Runtime
 from .websocket import Sockets
 
+
+class OneLine(logging.Filter):
+    """A malformed request is the client's doing: one warning line, no
+    traceback (aiohttp logs its parse errors as exceptions); our own
+    failures keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            reason = " ".join(error.message.split()).removesuffix(" ^")  # aiohttp points at the fault
+            record.msg, record.args, record.exc_info = "%s: %s %s", (record.getMessage(), error.code, reason), None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+LOGGER = logging.getLogger("actionloop.http")  # aiohttp's server logs through it
+LOGGER.addFilter(OneLine())
 RUNTIME = web.AppKey("runtime", Runtime)
 SOCKETS = web.AppKey("sockets", Sockets)
 JSON = "application/json"
@@ -185,6 +204,7 @@ async def make_runner(runtime: Runtime, sockets: Sockets) -> web.AppRunner:
         # this: the time until its head is whole, from the reply before.
         keepalive_timeout=runtime.config.keepalive_timeout,
         lingering_time=LINGER,  # after an answer given before the body was read
+        logger=LOGGER,
     )
     await runner.setup()
     return runner
