@@ -8,6 +8,7 @@ from actionloop.config import Config
 from actionloop.handshake import origin_allowed, presented_token, refusal, request_refusal
 
 GOOD = {
+    "Host": "example.com",
     "Upgrade": "websocket",
     "Connection": "Upgrade",
     "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",

@@ -28,6 +28,7 @@ class Refusal(NamedTuple):
     status: int
     message: str
     kind: str  # counted in actionloop_errors_total
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
@@ -119,8 +120,12 @@ def refusal(
     """Why this handshake is refused, or None to accept it."""
     if "websocket" not in tokens(headers.get("Upgrade", "")) or "upgrade" not in tokens(headers.get("Connection", "")):
         return Refusal(400, "This path takes WebSocket connections only.", "bad_handshake")
+    if not headers.get("Host"):
+        return Refusal(400, "A handshake must name its Host (RFC 6455 4.1).", "bad_handshake")
     if headers.get("Sec-WebSocket-Version") != "13":
-        return Refusal(400, "Only WebSocket version 13 is spoken here.", "bad_handshake")
+        # RFC 6455 4.2.2: the refusal names the versions spoken.
+        version = (("Sec-WebSocket-Version", "13"),)
+        return Refusal(400, "Only WebSocket version 13 is spoken here.", "bad_handshake", version)
     if not key_valid(headers.get("Sec-WebSocket-Key", "")):
         return Refusal(400, "Sec-WebSocket-Key must be 16 bytes in base64.", "bad_handshake")
     refused = request_refusal(headers, query, config)

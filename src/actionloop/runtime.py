@@ -20,6 +20,7 @@ from typing import Any
 from . import __version__, archive, protocol
 from .config import Config
 from .errors import ActionLoopError, Forbidden, NoAction, PrepareError, RequestError, StartError, Unavailable
+from .hub import Hub
 from .metrics import Metrics
 from .payloads import ALREADY_INITIALISED, InitRequest
 from .pool import Finished, Pool, Runner, Single, Starter
@@ -69,6 +70,7 @@ class Runtime:
         # /run keeps OpenWhisk's one activation at a time, whatever the mode.
         self._run_lock = asyncio.Lock()
         self.own_processes = 0
+        self.hub = Hub()
         self._own_runners: set[Runner] = set()  # connection mode: one per connection
         self._activation_ids = activation_ids()
 

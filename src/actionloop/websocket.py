@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
-import itertools
 import logging
 import sys
 import time
@@ -49,6 +48,8 @@ READ_AHEAD = 64 * 1024
 FRAME_COST = 64
 # Close codes a client may send (RFC 6455 7.4; 1012-1014 registered since).
 CLOSE_CODES = frozenset((*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)))
+# Bytes of pushed messages a client may leave unread before it is closed.
+PUSH_BACKLOG = 4 * 1024 * 1024
 # After our close frame, how long the client has to answer it.
 CLOSE_WAIT = 5.0
 # The same, for the connections still open when the drain timeout is up.
@@ -56,7 +57,6 @@ LAST_CLOSE_WAIT = 1.0
 READ_BUFFER = 2048
 # An adapter, so picows does not make a logger for every connection.
 LOGGER = logging.LoggerAdapter(logging.getLogger("actionloop.websocket"))
-_ids = itertools.count(1)
 
 
 class Sockets:
@@ -99,7 +99,7 @@ def refused(status: int, message: str, headers: dict[str, str] | None = None) ->
 
 
 def answer_handshake(
-    request: WSUpgradeRequest, runtime: Runtime, sockets: Sockets, remote: str | None
+    request: WSUpgradeRequest, runtime: Runtime, sockets: Sockets, remote: str | None, connection: str = ""
 ) -> WSUpgradeResponseWithListener:
     """picows asks: refuse with a status, or accept with a Conversation."""
     headers = request.headers
@@ -107,14 +107,15 @@ def answer_handshake(
     why = refusal(headers, urllib.parse.parse_qs(target.query), runtime.config, len(sockets.open), sockets.draining)
     if why is not None:
         runtime.metrics.error(why.kind)
-        return refused(why.status, why.message, {"WWW-Authenticate": "Bearer"} if why.status == 401 else None)
+        answer = dict(why.headers, **({"WWW-Authenticate": "Bearer"} if why.status == 401 else {}))
+        return refused(why.status, why.message, answer)
     try:
         runtime.check_room()  # the process slot itself is taken in on_ws_connected
     except ActionLoopError as exc:  # connection mode: too many processes already
         runtime.metrics.error("too_many_processes")
         return refused(exc.status, exc.message)
     extra = {"Sec-WebSocket-Protocol": SUBPROTOCOL} if SUBPROTOCOL in offered_subprotocols(headers) else None
-    conversation = Conversation(runtime, f"ws-{next(_ids)}", sockets, remote, target.path)
+    conversation = Conversation(runtime, connection or runtime.hub.new_id(), sockets, remote, target.path)
     return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(extra), conversation)
 
 
@@ -144,7 +145,7 @@ def upgrade(
         ping or 20,  # ping after this long without data from the client
         (ping or 20) / 2,  # and disconnect if no pong comes in this long
         WSAutoPingStrategy.PING_WHEN_IDLE,
-        True,  # answer pings
+        False,  # pings: answered by Conversation, after its checks (RFC 6455 5.2)
         runtime.config.max_message,
         None,  # extra headers
         READ_BUFFER,
@@ -189,6 +190,8 @@ class Conversation(WSListener):
         self.closing = False
         self.close_code: int | None = None
         self.opened = time.monotonic()
+        self.connected_at = time.time()
+        self.channels: set[str] = set()  # of the management API (hub.py)
         self.last = self.loop.time()
         self.idle: asyncio.TimerHandle | None = None
         self.ready = False  # the session's own process, if it has one, is up
@@ -210,6 +213,7 @@ class Conversation(WSListener):
         if timeout:
             self.idle = self.loop.call_later(timeout, self._idle_check)
         log_event("websocket_open", connection=self.session.connection, remote=self.remote, path=self.path)
+        self.runtime.hub.join(self)
         if self.session.own:
             self._spawn(self._open())
         else:
@@ -241,12 +245,15 @@ class Conversation(WSListener):
             and not (frame.rsv1 or frame.rsv2 or frame.rsv3 or self.closing)
         ):
             self._take(kind, frame.get_payload_as_bytes())  # the usual case: a whole message
+        elif frame.rsv1 or frame.rsv2 or frame.rsv3:
+            if not self.closing:
+                self._fail(WSCloseCode.PROTOCOL_ERROR, b"reserved bits set, no extension was agreed")
         elif kind is WSMsgType.CLOSE:
             self._close_frame(transport, frame)
         elif self.closing:
             return  # after our close frame, data is ignored (RFC 6455 1.4)
-        elif frame.rsv1 or frame.rsv2 or frame.rsv3:
-            self._fail(WSCloseCode.PROTOCOL_ERROR, b"reserved bits set, no extension was agreed")
+        elif kind is WSMsgType.PING:
+            transport.send_pong(frame.get_payload_as_bytes())
         elif kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
             if self.parts_type is not None:
                 self._fail(WSCloseCode.PROTOCOL_ERROR, b"a new message inside a fragmented one")
@@ -290,6 +297,7 @@ class Conversation(WSListener):
         self.sockets.busy.discard(self)
         self.metrics.connections -= 1
         self.pending.clear()
+        self.runtime.hub.leave(self)
         self._spawn(self._end())
         log_event(
             "websocket_close",
@@ -412,6 +420,36 @@ class Conversation(WSListener):
             self.close(WSCloseCode.GOING_AWAY, GOING_AWAY)
         else:
             self._pump()
+
+    # ------------------------------------------------ the hub's (hub.Member)
+
+    @property
+    def id(self) -> str:
+        return self.session.connection
+
+    @property
+    def last_active_at(self) -> float:
+        """When the last message came in, or its reply went out (epoch seconds)."""
+        return time.time() - (self.loop.time() - self.last)
+
+    def push(self, data: bytes) -> None:
+        """A message from the management API, not a reply: it goes out now, as text.
+
+        A client whose unread messages pile up past PUSH_BACKLOG is closed
+        with 1008 rather than held in memory (SPEC.md part C: bounded).
+        """
+        transport = self.transport
+        if transport is None or self.closing or transport.is_disconnected:
+            return
+        if self.writing_paused and transport.underlying_transport.get_write_buffer_size() > PUSH_BACKLOG:
+            self.metrics.error("too_slow")
+            self.close(WSCloseCode.POLICY_VIOLATION, b"too slow to read its messages")
+            return
+        transport.send(WSMsgType.TEXT, data)
+        self.metrics.sent += 1
+
+    def end(self, reason: bytes) -> None:
+        self.close(WSCloseCode.OK, reason)
 
     # ------------------------------------------------------------ the closing
 
