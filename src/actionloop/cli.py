@@ -244,10 +244,18 @@ async def serve(config: Config, announce: bool, read_from: str = "") -> int:
         # drain has had its time: what is still queued is dropped.
         await runtime.close(wait=0)
         sweep_orphans()
+        if runtime.hub.bus is not None:
+            await runtime.hub.bus.close()
 
 
 async def serve_runtime(runtime: Runtime, announce: bool, read_from: str) -> int:
     config = runtime.config
+    if config.redis_url:
+        from .bus import RedisBus  # redis is needed only here
+
+        bus = RedisBus(config.redis_url, runtime.hub)
+        runtime.hub.bus = bus
+        bus.start()
     if config.autoinit:
         try:
             await runtime.autoinit(read_from or config.autoinit, config.autoinit_main)
@@ -263,6 +271,17 @@ async def serve_runtime(runtime: Runtime, announce: bool, read_from: str) -> int
         log(f"actionloop: cannot listen on {config.host}:{config.port}: {exc.strerror}")
         await endpoints.close()
         return 1
+    management = None
+    if config.api_token:
+        from . import api  # aiohttp: only for the API, or on first HTTP request
+
+        try:
+            management = await api.start(runtime.hub, config)
+        except OSError as exc:
+            log(f"actionloop: cannot listen on {config.host}:{config.api_port} (management API): {exc.strerror}")
+            listening.close()
+            await endpoints.close()
+            return 1
     if announce or config.websocket:
         port = listening.sockets[0].getsockname()[1]
         host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
@@ -277,6 +296,8 @@ async def serve_runtime(runtime: Runtime, announce: bool, read_from: str) -> int
     listening.close()
     drain(sockets)
     await asyncio.gather(endpoints.close(), sockets.closed(config.drain_timeout))
+    if management is not None:
+        await management.cleanup()
     return 0
 
 

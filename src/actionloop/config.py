@@ -60,6 +60,10 @@ SETTINGS = (
     Setting("head_timeout", "OW_HEAD_TIMEOUT", "seconds a new connection may take to send its request head"),
     Setting("body_timeout", "OW_BODY_TIMEOUT", "seconds an /init or /run body may stall between reads"),
     Setting("keepalive_timeout", "OW_KEEPALIVE_TIMEOUT", "seconds an HTTP connection may wait for its next request"),
+    Setting("api_token", "OW_API_TOKEN", "bearer token of the management API; empty: no API"),
+    Setting("api_port", "OW_API_PORT", "port of the management API"),
+    Setting("redis_url", "OW_REDIS_URL", "Redis that joins the replicas (redis://HOST:PORT/DB); empty: this one alone"),
+    Setting("events", "OW_WEBSOCKET_EVENTS", "invoke the action on connect and disconnect"),
 )
 
 
@@ -102,6 +106,10 @@ class Config:
     head_timeout: float = 20.0
     body_timeout: float = 20.0
     keepalive_timeout: float = 75.0
+    api_token: str = ""
+    api_port: int = 8081
+    redis_url: str = ""
+    events: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("shared", "pool", "connection"):

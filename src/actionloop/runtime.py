@@ -156,6 +156,9 @@ class Runtime:
         env["__OW_PROXY_VERSION"] = __version__
         env["__OW_EXECUTION_ENV"] = self.config.execution_env
         env["__OW_WAIT_FOR_ACK"] = "1" if self.config.wait_for_ack else ""
+        if self.config.api_token:  # the management API, for pushes (SPEC.md part D)
+            env["__OW_API_URL"] = f"http://127.0.0.1:{self.config.api_port}"
+            env["__OW_API_TOKEN"] = self.config.api_token
         env.setdefault("PYTHONIOENCODING", "UTF-8")
         return env
 

@@ -159,7 +159,16 @@ async def handle_ready(request: web.Request) -> web.Response:
     """Readiness: an action is initialised and the server is not draining."""
     runtime = request.app[RUNTIME]
     ready = runtime.initialized and not request.app[SOCKETS].draining
-    state = {"ready": ready, "initialized": runtime.initialized, "draining": request.app[SOCKETS].draining}
+    state: dict[str, object] = {
+        "ready": ready,
+        "initialized": runtime.initialized,
+        "draining": request.app[SOCKETS].draining,
+    }
+    bus = runtime.hub.bus
+    if bus is not None:
+        # Said, not acted on: with Redis down this replica still serves its
+        # own connections, and every replica would fail together (SPEC.md D).
+        state["redis"] = "up" if bus.up else "down"
     return json_response(protocol.dumps(state), 200 if ready else 503)
 
 
