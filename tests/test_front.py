@@ -1,6 +1,7 @@
 """The front door and the HTTP side, over raw sockets (SPEC.md parts B and C):
-request heads of any size a browser sends, token lists, stage timeouts,
-logs of malformed requests."""
+request heads of any size a browser sends, token lists, frames sent with an
+upgrade, connection mode's process slots, the token and origin on /init and
+/run, a timeout for every stage, aiohttp's lazy load, malformed requests."""
 
 from __future__ import annotations
 
@@ -424,10 +425,3 @@ def test_malformed_requests_log_one_line(start_server: Any, later: bool) -> None
     time.sleep(0.2 * TIME_FACTOR)  # the log is written after the reply
     log = server.err()
     assert "Traceback" not in log and log.count("\n") - before <= len(MALFORMED), log
-
-
-def wait_until(check: Any, seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds * TIME_FACTOR
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)

@@ -6,6 +6,10 @@ everything else goes to aiohttp (server.py), imported on first use. Importing
 aiohttp takes longer than the rest of start-up together (mostly the TLS setup
 of its HTTP client, which we never use), and a pod serving WebSockets need not
 pay for it before its first answer. With no WebSocket path it loads at once.
+
+What a client can make it hold is bounded (SPEC.md part C; README: Limits):
+a head of HEAD_LIMIT bytes (431 beyond, never silence), sent within
+OW_HEAD_TIMEOUT seconds.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ if TYPE_CHECKING:
     from aiohttp import web
 
 # The largest request head (request line and headers): 431 beyond. As
-# nginx's default (4 buffers of 8 KiB), so browsers with many cookies pass.
+# nginx's default (4 buffers of 8 KiB), so browsers with many cookies pass;
+# aiohttp takes lines this long too (server.py).
 HEAD_LIMIT = 32 * 1024
 HEAD_TOO_LARGE = f"The request head is larger than {HEAD_LIMIT} bytes."
 UPGRADE_TOO_LARGE = "The WebSocket request's URL and headers are too long."
@@ -98,14 +103,14 @@ class FirstRequest(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.head += data
-        end = self.head.find(b"\r\n\r\n") + 4
-        if end < 4 and len(self.head) <= HEAD_LIMIT:
+        head, blank, tail = self.head.partition(b"\r\n\r\n")
+        if not blank and len(self.head) <= HEAD_LIMIT:
             return
         transport, endpoints = self.transport, self.endpoints
         assert transport is not None and self.timer is not None
         self.timer.cancel()
-        head, tail = self.head[:end], self.head[end:]
-        if end < 4 or end > HEAD_LIMIT:
+        head += blank
+        if not blank or len(head) > HEAD_LIMIT:
             refuse(transport, 431, HEAD_TOO_LARGE)
         elif not is_upgrade(head, endpoints.runtime.config.websocket):
             endpoints.to_web(transport, self.head)
