@@ -18,6 +18,8 @@ from .archive import mark_executable
 from .errors import PrepareError
 
 LAUNCHER = "actionloop_launcher.py"
+# Beside it, for actions that push through the management API (api_client.py).
+API_CLIENT = "actionloop_api.py"
 # Present in a folder whose `exec` always acknowledges start-up on fd 3.
 ACK_MARKER = "exec.ack"
 # Present in a folder whose `exec` is our launcher, which tags its results (core.py).
@@ -75,6 +77,8 @@ def _prepare_python(src: Path, dest: Path, main: str) -> None:
     _check_virtualenv(src / "virtualenv")
     src.rename(dest)
     (dest / LAUNCHER).write_bytes(Path(__file__).with_name("launcher.py").read_bytes())
+    if not (dest / API_CLIENT).exists():  # the action's own file of that name wins
+        (dest / API_CLIENT).write_bytes(Path(__file__).with_name("api_client.py").read_bytes())
     (dest / "exec").write_text(STUB.format(python=sys.executable, main=main))
     (dest / "exec").chmod(0o755)
     (dest / ACK_MARKER).touch()
