@@ -18,7 +18,11 @@ import asyncio
 import http
 from typing import TYPE_CHECKING
 
-from . import protocol, websocket
+from multidict import CIMultiDict  # loaded with picows already
+
+from . import events, protocol, websocket
+from .errors import ActionLoopError
+from .handshake import refusal
 from .runtime import Runtime, log
 from .websocket import Sockets
 
@@ -79,6 +83,40 @@ class Endpoints:
         handler.connection_made(transport)
         handler.data_received(data)
 
+    def acceptable(self, head: bytes) -> bool:
+        """Whether our handshake rules (handshake.py) let this upgrade through;
+        picows answers those they refuse, with no action invoked."""
+        headers, query = events.head_fields(head)
+        fields = CIMultiDict(headers)
+        found = refusal(
+            fields,
+            {k: [v] for k, v in query.items()},
+            self.runtime.config,
+            len(self.sockets.open),
+            self.sockets.draining,
+        )
+        return found is None
+
+    def connect_event(self, transport: asyncio.Transport, head: bytes, tail: bytes) -> None:
+        """Invoke the action with the connect event, then upgrade or refuse as it says (SPEC.md part D)."""
+        runtime = self.runtime
+        connection = runtime.hub.new_id()
+        transport.pause_reading()
+
+        def answered(outcome: bytes | ActionLoopError) -> None:
+            if transport.is_closing():
+                return
+            transport.resume_reading()
+            refused = events.refusal(outcome)
+            if refused is None:
+                upgrade(transport, head, tail, self, connection)
+            else:
+                runtime.metrics.error("refused_by_action")
+                answer(transport, refused.status, refused.body, refused.content_type)
+
+        body = protocol.message_body(events.connect(connection, head), runtime.activation_meta(connection))
+        runtime.activate(body, runtime.config.message_timeout or None, answered)
+
     async def close(self) -> None:
         """After the listener stopped: aiohttp finishes its requests (up to the drain timeout)."""
         if self._loading is not None:
@@ -114,20 +152,33 @@ class FirstRequest(asyncio.Protocol):
             refuse(transport, 431, HEAD_TOO_LARGE)
         elif not is_upgrade(head, endpoints.runtime.config.websocket):
             endpoints.to_web(transport, self.head)
-        elif websocket.upgrade(transport, head, tail, endpoints.runtime, endpoints.sockets) is None:
-            refuse(transport, 431, UPGRADE_TOO_LARGE)
+        elif endpoints.runtime.config.events and endpoints.acceptable(head):
+            endpoints.connect_event(transport, head, tail)
+        else:
+            upgrade(transport, head, tail, endpoints)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
 
 
+def upgrade(transport: asyncio.Transport, head: bytes, tail: bytes, endpoints: Endpoints, connection: str = "") -> None:
+    if websocket.upgrade(transport, head, tail, endpoints.runtime, endpoints.sockets, connection) is None:
+        refuse(transport, 431, UPGRADE_TOO_LARGE)
+
+
 def refuse(transport: asyncio.Transport, status: int, message: str) -> None:
     """Answer a request that goes no further, with a JSON error, and close."""
-    body = protocol.error(message)
-    reason = http.HTTPStatus(status).phrase.encode()
-    head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-    transport.write(head % (status, reason, len(body)) + body)
+    answer(transport, status, protocol.error(message))
+
+
+def answer(transport: asyncio.Transport, status: int, body: bytes, content_type: str = "application/json") -> None:
+    try:
+        reason = http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        reason = b"Refused"
+    head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+    transport.write(head % (status, reason, content_type.encode(), len(body)) + body)
     transport.set_protocol(Lingering(transport))
 
 

@@ -18,7 +18,7 @@ import time
 import urllib.parse
 from typing import Any
 
-from . import protocol
+from . import events, protocol
 from .errors import ActionLoopError, RequestError
 from .handshake import SUBPROTOCOL, offered_subprotocols, refusal
 from .picows_server import (
@@ -120,7 +120,7 @@ def answer_handshake(
 
 
 def upgrade(
-    transport: asyncio.Transport, head: bytes, tail: bytes, runtime: Runtime, sockets: Sockets
+    transport: asyncio.Transport, head: bytes, tail: bytes, runtime: Runtime, sockets: Sockets, connection: str = ""
 ) -> WSProtocol | None:
     """Give a connection to picows, with the bytes read from it so far: the
     upgrade request's head, whole, and what came after it. picows answers
@@ -137,7 +137,7 @@ def upgrade(
         None,  # host and port: a client's
         None,  # path: a client's
         False,  # client side
-        lambda request: answer_handshake(request, runtime, sockets, remote),
+        lambda request: answer_handshake(request, runtime, sockets, remote, connection),
         LOGGER,
         True,  # disconnect on exception
         None,  # handshake timeout: the front door's already ran
@@ -298,6 +298,10 @@ class Conversation(WSListener):
         self.metrics.connections -= 1
         self.pending.clear()
         self.runtime.hub.leave(self)
+        if self.runtime.config.events:
+            value = events.disconnect(self.id, self.close_code)
+            body = protocol.message_body(value, self.runtime.activation_meta(self.id))
+            self.runtime.activate(body, self.runtime.config.message_timeout or None, _ignore)
         self._spawn(self._end())
         log_event(
             "websocket_close",
@@ -472,6 +476,10 @@ class Conversation(WSListener):
         else:
             self.idle = None
             self.close(WSCloseCode.OK, b"idle timeout")
+
+
+def _ignore(outcome: bytes | ActionLoopError) -> None:
+    """Where a disconnect event's result goes: nobody is left to hear it."""
 
 
 def is_utf8(data: bytes) -> bool:
