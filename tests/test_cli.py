@@ -87,24 +87,24 @@ def stopped_stderr(child: subprocess.Popen[bytes], folder: Path) -> str:
 
 @contextmanager
 def failing_listener(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """The entrypoint auto-initialising MARKED, then failing with ImportError (aiohttp broken).
+    """The entrypoint auto-initialising MARKED, then failing with ImportError (redis broken).
 
-    With no WebSocket path, `serve` imports aiohttp before it listens: a
-    broken aiohttp first on PYTHONPATH raises ImportError inside `serve`.
+    With OW_REDIS_URL, `serve` imports redis after auto-init: a broken redis
+    first on PYTHONPATH raises ImportError inside `serve`.
     """
-    broken = tmp_path / "broken" / "aiohttp"
+    broken = tmp_path / "broken" / "redis"
     broken.mkdir(parents=True)
-    (broken / "__init__.py").write_text("raise ImportError('aiohttp broken on purpose')\n")
+    (broken / "__init__.py").write_text("raise ImportError('redis broken on purpose')\n")
     marks = tmp_path / "marks.txt"
     action = tmp_path / "marked.py"
     action.write_text(MARKED.format(marks=str(marks)))
     path = [str(broken.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {"OW_AUTOINIT": str(action), "PYTHONPATH": os.pathsep.join(path)}
+    env = {"OW_AUTOINIT": str(action), "OW_REDIS_URL": "redis://127.0.0.1:1/0", "PYTHONPATH": os.pathsep.join(path)}
     try:
         with actionloop(tmp_path, "--port", str(free_port()), "--host", "127.0.0.1", env=env) as child:
             child.wait(TIMEOUT)
             assert child.returncode != 0
-            assert "aiohttp broken on purpose" in (tmp_path / "stderr.txt").read_text()
+            assert "redis broken on purpose" in (tmp_path / "stderr.txt").read_text()
             yield child, marks
     finally:
         for line in marks.read_text().splitlines() if marks.exists() else ():

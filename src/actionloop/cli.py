@@ -250,12 +250,6 @@ async def serve(config: Config, announce: bool, read_from: str = "") -> int:
 
 async def serve_runtime(runtime: Runtime, announce: bool, read_from: str) -> int:
     config = runtime.config
-    if config.redis_url:
-        from .bus import RedisBus  # redis is needed only here
-
-        bus = RedisBus(config.redis_url, runtime.hub)
-        runtime.hub.bus = bus
-        bus.start()
     if config.autoinit:
         try:
             await runtime.autoinit(read_from or config.autoinit, config.autoinit_main)
@@ -263,6 +257,12 @@ async def serve_runtime(runtime: Runtime, announce: bool, read_from: str) -> int
             # Loud, so Kubernetes shows a failing pod (SPEC.md part C).
             log(f"actionloop: auto-init from {config.autoinit} failed: {exc.message}")
             return 1
+    if config.redis_url:
+        from .bus import RedisBus  # redis is needed only here
+
+        bus = RedisBus(config.redis_url, runtime.hub)
+        runtime.hub.bus = bus
+        bus.start()
     sockets = Sockets()
     endpoints = Endpoints(runtime, sockets)
     try:
