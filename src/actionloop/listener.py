@@ -50,18 +50,20 @@ class Endpoints:
 
     def load(self) -> asyncio.Future[None]:
         """Import aiohttp and build the app, once it works: a failure (no
-        descriptors left at that moment, say) is tried again next time."""
+        descriptors left at that moment, say) is logged, and tried again next time."""
         if self._loading is None or (self._loading.done() and self.web is None):
             self._loading = asyncio.ensure_future(self._load())
+            self._loading.add_done_callback(self._loaded)
         return self._loading
 
     async def _load(self) -> None:
-        try:
-            from . import server
+        from . import server
 
-            self.web = await server.make_runner(self.runtime, self.sockets)
-        except Exception as exc:  # noqa: BLE001 - any failure: said once, tried again
-            log(f"actionloop: the HTTP side could not start: {exc!r}; the next request tries again")
+        self.web = await server.make_runner(self.runtime, self.sockets)
+
+    def _loaded(self, loading: asyncio.Future[None]) -> None:
+        if not loading.cancelled() and loading.exception() is not None:
+            log(f"actionloop: cannot load the HTTP side: {loading.exception()!r}")
 
     def to_web(self, transport: asyncio.Transport, data: bytes) -> None:
         if self.web is not None:
@@ -120,7 +122,7 @@ class Endpoints:
     async def close(self) -> None:
         """After the listener stopped: aiohttp finishes its requests (up to the drain timeout)."""
         if self._loading is not None:
-            await self._loading
+            await asyncio.wait([self._loading])
         if self.web is not None:
             await self.web.cleanup()
 
