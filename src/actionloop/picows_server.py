@@ -94,6 +94,26 @@ def tokens(value: bytes) -> set[bytes]:
     return {part.strip().lower() for part in value.split(b",")}
 
 
+# picows hands the transport the header of a frame over this size as a view
+# of a buffer it reuses for the next frame; when the socket is backed up and
+# the transport must queue it, the next frame's header overwrites it and the
+# stream is corrupt. Such frames are framed here, with a header of their own.
+PICOWS_VIEW_SIZE = 8192
+
+
+def send(transport: WSTransport, kind: WSMsgType, data: bytes) -> None:
+    """transport.send, safe for frames over PICOWS_VIEW_SIZE (server side: no mask)."""
+    size = len(data)
+    if size <= PICOWS_VIEW_SIZE:
+        transport.send(kind, data)
+        return
+    if transport.is_close_frame_sent or transport.is_disconnected:
+        return  # as picows does
+    first = 0x80 | kind.value  # FIN, and the opcode
+    length = bytes((126,)) + size.to_bytes(2, "big") if size < 1 << 16 else bytes((127,)) + size.to_bytes(8, "big")
+    transport.underlying_transport.writelines([bytes((first,)) + length, data])
+
+
 def feed(ws: WSProtocol, data: bytes) -> None:
     """Give picows bytes read before it had the connection, however many: its
     buffer grows as it fills. Stops once picows is closing the connection
@@ -121,4 +141,5 @@ __all__ = [
     "WSUpgradeResponseWithListener",
     "feed",
     "head_for_picows",
+    "send",
 ]

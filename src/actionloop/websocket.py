@@ -35,6 +35,7 @@ from .picows_server import (
     WSUpgradeResponseWithListener,
     feed,
     head_for_picows,
+    send,
 )
 from .runtime import Runtime, Session
 
@@ -417,7 +418,7 @@ class Conversation(WSListener):
         assert transport is not None
         if transport.is_disconnected or transport.is_close_frame_sent:
             return  # the client vanished before its reply; nobody else is affected
-        transport.send(self.reply_type, data)
+        send(transport, self.reply_type, data)
         self.metrics.sent += 1
         if self.sockets.draining:
             # The in-flight reply is out; now say goodbye (SPEC.md part C).
@@ -449,7 +450,7 @@ class Conversation(WSListener):
             self.metrics.error("too_slow")
             self.close(WSCloseCode.POLICY_VIOLATION, b"too slow to read its messages")
             return
-        transport.send(WSMsgType.TEXT, data)
+        send(transport, WSMsgType.TEXT, data)
         self.metrics.sent += 1
 
     def end(self, reason: bytes) -> None:
@@ -465,7 +466,9 @@ class Conversation(WSListener):
         self.closing = True
         self.close_code = code.value
         transport.send_close(code, reason)
-        self.loop.call_later(CLOSE_WAIT, transport.disconnect)
+        # Not graceful: a client that reads nothing would hold its unsent
+        # bytes, and its place, for ever.
+        self.loop.call_later(CLOSE_WAIT, transport.disconnect, False)
 
     def _idle_check(self) -> None:
         """Close after `idle_timeout` s with no message; waiting on a slow reply is not idleness."""
