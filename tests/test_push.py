@@ -27,6 +27,8 @@ from conftest import IMAGE_ENV, TIME_FACTOR, Server, free_port
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from actionloop import api_client
+
 TIMEOUT = 10 * TIME_FACTOR
 TOKEN = "push-test-token"
 # The server's wait for a client to answer its Close (websocket.CLOSE_WAIT).
@@ -300,6 +302,33 @@ def test_no_token_no_api(start_server: Any, tmp_path: Path) -> None:
         ws.send('{"do": "send_without_api"}')
         assert "no management API" in receive(ws)["refused"]
     assert not accepts(port)
+
+
+def test_api_client_answers(start_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """actionloop_api: True, False or None for what is gone; APIError with the status, or 0 when nothing answers."""
+    server, api = pushing(start_server, tmp_path)
+    monkeypatch.setenv("__OW_API_URL", f"http://127.0.0.1:{api.port}")
+    monkeypatch.setenv("__OW_API_TOKEN", TOKEN)
+    with client(server) as (ws, me):
+        assert api_client.send(me, {"from": "api_client"}) is True
+        assert receive(ws) == {"from": "api_client"}
+        assert api_client.subscribe(me, "a/b c%") is True
+        assert api_client.describe(me)["channels"] == ["a/b c%"]  # type: ignore[index]
+        api_client.publish("a/b c%", 1)
+        api_client.broadcast(2)
+        assert [receive(ws), receive(ws)] == [1, 2]
+        assert api_client.unsubscribe(me, "a/b c%") is True
+        assert api_client.send("nobody-abc123-7", 1) is False
+        assert api_client.describe("nobody-abc123-7") is None
+        assert api_client.close(me) is True
+    monkeypatch.setenv("__OW_API_TOKEN", "wrong")
+    with pytest.raises(api_client.APIError) as refused:
+        api_client.broadcast(3)
+    assert refused.value.status == 403
+    monkeypatch.setenv("__OW_API_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with pytest.raises(api_client.APIError) as unreachable:
+        api_client.send(me, 1)
+    assert unreachable.value.status == 0 and "cannot be reached" in str(unreachable.value)
 
 
 # A client that never reads: a raw socket with a small receive buffer.

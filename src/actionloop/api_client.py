@@ -33,7 +33,7 @@ class APIError(Exception):
 
 
 def call(method: str, path: str, value: Any = None, timeout: float = 10.0) -> Any:
-    """One request; the JSON answer, None for 410 (gone); APIError otherwise."""
+    """One request; the JSON answer, None for 410 (gone); APIError otherwise (status 0: no answer)."""
     url = os.environ.get("__OW_API_URL")
     token = os.environ.get("__OW_API_TOKEN", "")
     if not url:
@@ -53,6 +53,8 @@ def call(method: str, path: str, value: Any = None, timeout: float = 10.0) -> An
         except ValueError:
             message = exc.reason
         raise APIError(exc.code, message) from exc
+    except OSError as exc:  # refused, reset, timed out: no answer at all (a pod shutting down)
+        raise APIError(0, f"the management API at {url} cannot be reached: {exc}") from exc
 
 
 def _part(name: str) -> str:
