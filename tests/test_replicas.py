@@ -269,3 +269,25 @@ def test_redis_outage_and_return(start_server: Any, tmp_path: Path, redis: Redis
         err = server.err()
         assert "actionloop: Redis unreachable" in err, err
         assert err.rindex("actionloop: Redis reached") > err.index("actionloop: Redis unreachable"), err
+
+
+def test_redis_stall_then_back(start_server: Any, tmp_path: Path, redis: Redis) -> None:
+    """Redis frozen for 5 s (connections kept, calls time out): then both replicas say up and register new connections."""
+    one_server, one = replica(start_server, tmp_path, redis, "replica1")
+    two_server, two = replica(start_server, tmp_path, redis, "replica2")
+    assert redis.process is not None
+    redis.process.send_signal(signal.SIGSTOP)  # longer than a heartbeat plus its 2 s timeout
+    try:
+        time.sleep(5.5)
+    finally:
+        redis.process.send_signal(signal.SIGCONT)
+    thawed = time.monotonic()
+    for server in (one_server, two_server):
+        redis_says(server, "up", REPLICA_TTL * TIME_FACTOR)
+    print(f"up after {time.monotonic() - thawed:.1f} s")  # pytest -s shows it
+    with client(one_server) as (mine, me), client(two_server) as (theirs, them):
+        assert known(two, me)["replica"].startswith("replica1-")
+        assert known(one, them)["replica"].startswith("replica2-")
+        assert two.call("POST", f"/connections/{me}", {"to": "one"}) == (200, {"sent": True})
+        assert one.call("POST", f"/connections/{them}", {"to": "two"}) == (200, {"sent": True})
+        assert receive(mine) == {"to": "one"} and receive(theirs) == {"to": "two"}

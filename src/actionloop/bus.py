@@ -119,6 +119,7 @@ class RedisBus:
             LOGGER.exception("a message on the bus could not be carried out")
 
     async def _came_up(self) -> None:
+        """Redis answered: if the bus was down, it is up again and writes its connections anew."""
         await self._alive()
         if not self.up:
             self.up = True
@@ -133,12 +134,17 @@ class RedisBus:
         self.up = False
 
     async def _heartbeat(self) -> None:
-        """Keep this replica alive in Redis and its connections' records fresh."""
+        """Keep this replica alive in Redis and its connections' records fresh.
+
+        A heartbeat that gets through brings the bus back up: after a call
+        timed out on a stalled Redis, the listener's connection may never
+        fail, so it would not (the bus would stay down, writing nothing).
+        """
         refreshed = time.monotonic()
         while True:
             await asyncio.sleep(HEARTBEAT)
             try:
-                await self._alive()
+                await self._came_up()
                 if time.monotonic() - refreshed > CONNECTION_TTL / 4:
                     refreshed = time.monotonic()
                     for member in self.hub.members.values():
