@@ -296,6 +296,8 @@ async def serve_runtime(runtime: Runtime, announce: bool, read_from: str) -> int
     listening.close()
     drain(sockets)
     await asyncio.gather(endpoints.close(), sockets.closed(config.drain_timeout))
+    # The drain closed connections: their disconnect events run before the stop.
+    await runtime.events_settled(config.stop_grace)
     if management is not None:
         await management.cleanup()
     return 0

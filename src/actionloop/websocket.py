@@ -302,7 +302,7 @@ class Conversation(WSListener):
         if self.runtime.config.events:
             value = events.disconnect(self.id, self.close_code)
             body = protocol.message_body(value, self.runtime.activation_meta(self.id))
-            self.runtime.activate(body, self.runtime.config.message_timeout or None, _ignore)
+            self.runtime.activate_event(body)
         self._spawn(self._end())
         log_event(
             "websocket_close",
@@ -479,10 +479,6 @@ class Conversation(WSListener):
         else:
             self.idle = None
             self.close(WSCloseCode.OK, b"idle timeout")
-
-
-def _ignore(outcome: bytes | ActionLoopError) -> None:
-    """Where a disconnect event's result goes: nobody is left to hear it."""
 
 
 def is_utf8(data: bytes) -> bool:
