@@ -72,6 +72,7 @@ class RedisBus:
         self.replica = hub.replica
         self.redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=10)
         self.up = False
+        self.listening = False  # subscribed to `all` and `to:NAME` now
         self._dirty: dict[str, Member | None] = {}  # connections to write (None: to delete)
         self._flushing: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -101,6 +102,7 @@ class RedisBus:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.key("all"), self.key("to", self.replica))
+                self.listening = True
                 await self._came_up()
                 retry = 0.2
                 async for message in pubsub.listen():
@@ -108,6 +110,7 @@ class RedisBus:
             except (RedisError, OSError) as exc:
                 self._went_down(exc)
             finally:
+                self.listening = False
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(retry)
             retry = min(retry * 2, RETRY_MAX)
@@ -242,4 +245,11 @@ class RedisBus:
         return bool(heard)
 
     async def fan_out(self, operation: dict[str, Any]) -> None:
-        await self._call(self.redis.publish(self.key("all"), encode(operation)))
+        """Publish to every replica. This one hears it through its own
+        subscription; if that is not (yet) back after an outage, Redis counts
+        nobody or the listener says so: Unavailable, and the hub delivers here."""
+        if not self.listening:
+            raise Unavailable("Redis is being reconnected to; other replicas may not have heard this")
+        heard = await self._call(self.redis.publish(self.key("all"), encode(operation)))
+        if not heard:
+            raise Unavailable("no replica heard this through Redis (it was restarted?)")

@@ -102,7 +102,10 @@ class LineProtocol(Generic[Caller]):
         self.ack = ack
         self.key = key
         self._tag_start = key + b" "
-        self.depth = depth
+        # Untagged, one line at a time: a stray line written with a result then
+        # arrives with nothing in flight and is caught, instead of shifting
+        # every reply pipelined behind it onto the next caller.
+        self.depth = depth if key else 1
         self.phase = Phase.STARTING
         self.fault: str | None = None  # why the process must be killed, once BROKEN
         self.in_flight: collections.deque[tuple[Caller, bytes]] = collections.deque()  # (caller, tag)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import socket
 from typing import Any, Protocol
 
@@ -32,7 +33,7 @@ class Member(Protocol):
     def id(self) -> str: ...
     @property
     def last_active_at(self) -> float: ...
-    def push(self, data: bytes) -> None: ...
+    def push(self, data: bytes) -> bool: ...
     def end(self, reason: bytes) -> None: ...
 
 
@@ -79,7 +80,8 @@ class Hub:
 
     def new_id(self) -> str:
         """An id no other connection of any replica has or had."""
-        return f"{self.replica}-{next(self._ids)}"
+        # A random part too: an id is not a secret, but need not be guessable.
+        return f"{self.replica}-{next(self._ids)}-{secrets.token_hex(3)}"
 
     # ------------------------------------------------------- this replica
 
@@ -115,7 +117,7 @@ class Hub:
         if member is None:
             return False
         if op == "send":
-            member.push(operation["data"])
+            return member.push(operation["data"])
         elif op == "close":
             member.end(CLOSED_BY_API)
         elif op == "subscribe":

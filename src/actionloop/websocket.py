@@ -437,21 +437,23 @@ class Conversation(WSListener):
         """When the last message came in, or its reply went out (epoch seconds)."""
         return time.time() - (self.loop.time() - self.last)
 
-    def push(self, data: bytes) -> None:
-        """A message from the management API, not a reply: it goes out now, as text.
+    def push(self, data: bytes) -> bool:
+        """A message from the management API, not a reply: it goes out now, as
+        text. False if it cannot: the connection is closing.
 
         A client whose unread messages pile up past PUSH_BACKLOG is closed
         with 1008 rather than held in memory (SPEC.md part C: bounded).
         """
         transport = self.transport
         if transport is None or self.closing or transport.is_disconnected:
-            return
+            return False
         if self.writing_paused and transport.underlying_transport.get_write_buffer_size() > PUSH_BACKLOG:
             self.metrics.error("too_slow")
             self.close(WSCloseCode.POLICY_VIOLATION, b"too slow to read its messages")
-            return
+            return False
         send(transport, WSMsgType.TEXT, data)
         self.metrics.sent += 1
+        return True
 
     def end(self, reason: bytes) -> None:
         self.close(WSCloseCode.OK, reason)
@@ -465,6 +467,7 @@ class Conversation(WSListener):
             return
         self.closing = True
         self.close_code = code.value
+        self.runtime.hub.leave(self)  # from now on the API reads it as gone (410)
         transport.send_close(code, reason)
         # Not graceful: a client that reads nothing would hold its unsent
         # bytes, and its place, for ever.
