@@ -5,13 +5,19 @@ holding the code, a Deployment running the runtime image with OW_WEBSOCKET and
 OW_AUTOINIT pointing into the mounted ConfigMap, a Service and an Ingress
 whose timeouts keep WebSockets open. The paths below must agree with
 deploy/Dockerfile (WORKDIR, user).
+
+With the management API (SPEC.md part D) the token comes from a Secret, the
+API port is a second Service port that the Ingress never routes, and Redis,
+given or bundled as one Deployment without persistence, joins the replicas.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, replace
 from typing import Any
 
 import yaml
@@ -29,6 +35,22 @@ USER_ID = 10001
 INGRESS_TIMEOUT = 3600
 PING_INTERVAL = 20
 DRAIN_TIMEOUT = 20
+# After SIGTERM, new connections are still taken this long (OW_DRAIN_DELAY):
+# the time the endpoints change takes to reach kube-proxy and the ingress.
+DRAIN_DELAY = 5
+# The runtime's OW_STOP_GRACE (its default: not set in the manifests).
+STOP_GRACE = 5
+API_PORT = 8081
+API_TOKEN_KEY = "token"
+# Changes when the generated token does, so applying new manifests restarts
+# every pod: replicas never disagree on the token.
+TOKEN_ANNOTATION = "actionloop/api-token-sha256"
+REDIS_IMAGE = "redis:7-alpine"
+REDIS_PORT = 6379
+REDIS_DATA = "/data"  # the image's WORKDIR
+# The redis user and group of the redis:7-alpine image.
+REDIS_USER = 999
+REDIS_GROUP = 1000
 
 
 @dataclass(frozen=True)
@@ -43,6 +65,26 @@ class KubeSpec:
     main: str = "main"
     demo: bool = False
     ingress_class: str = "nginx"
+    api: bool = False
+    api_token: str = ""  # for a new Secret NAME-api; manifests() draws one if empty
+    api_token_secret: str = ""  # an existing Secret instead, with the key API_TOKEN_KEY
+    redis_url: str = ""
+    with_redis: bool = False
+    events: bool = False
+
+    @property
+    def management(self) -> bool:
+        """The API is on: asked for, or implied, since Redis only joins the replicas' APIs."""
+        return self.api or self.with_redis or bool(self.redis_url or self.api_token_secret)
+
+    @property
+    def token_secret(self) -> str:
+        return self.api_token_secret or f"{self.name}-api"
+
+    @property
+    def redis(self) -> str:
+        """OW_REDIS_URL: the one given, or the bundled Redis Service's DNS name."""
+        return f"redis://{self.name}-redis:{REDIS_PORT}/0" if self.with_redis else self.redis_url
 
 
 def config_key(filename: str) -> str:
@@ -60,12 +102,12 @@ def is_binary(code: bytes) -> bool:
     return False
 
 
-def labels(spec: KubeSpec) -> dict[str, str]:
-    return {"app.kubernetes.io/name": spec.name, "app.kubernetes.io/component": "actionloop"}
+def labels(spec: KubeSpec, component: str = "actionloop") -> dict[str, str]:
+    return {"app.kubernetes.io/name": spec.name, "app.kubernetes.io/component": component}
 
 
-def metadata(spec: KubeSpec, name: str | None = None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name or spec.name, "labels": labels(spec)}
+def metadata(spec: KubeSpec, name: str | None = None, component: str = "actionloop") -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name or spec.name, "labels": labels(spec, component)}
     if spec.namespace:
         meta["namespace"] = spec.namespace
     return meta
@@ -88,21 +130,42 @@ def container(spec: KubeSpec) -> dict[str, Any]:
         "OW_AUTOINIT_MAIN": spec.main,
         "OW_WEBSOCKET_PING": str(PING_INTERVAL),
         "OW_DRAIN_TIMEOUT": str(DRAIN_TIMEOUT),
+        "OW_DRAIN_DELAY": str(DRAIN_DELAY),
     }
     if spec.host:
         # Browsers on other sites may not open WebSockets here (SPEC.md part B).
         env["OW_WEBSOCKET_ORIGIN"] = spec.host
     if spec.demo:
         env["OW_DEMO"] = "1"
+    ports = [{"name": "http", "containerPort": PORT, "protocol": "TCP"}]
+    if spec.management:
+        env["OW_API_PORT"] = str(API_PORT)
+        ports.append({"name": "api", "containerPort": API_PORT, "protocol": "TCP"})
+    if spec.redis:
+        env["OW_REDIS_URL"] = spec.redis
+    if spec.events:
+        env["OW_WEBSOCKET_EVENTS"] = "1"
+    env_list: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in env.items()]
+    if spec.management:
+        token = {"secretKeyRef": {"name": spec.token_secret, "key": API_TOKEN_KEY}}
+        env_list.append({"name": "OW_API_TOKEN", "valueFrom": token})
     probe = {"port": "http"}
+    probes: dict[str, Any] = {
+        "readinessProbe": {"httpGet": {"path": "/readyz", **probe}, "periodSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {"httpGet": {"path": "/healthz", **probe}, "periodSeconds": 10, "failureThreshold": 3},
+    }
+    if spec.management:
+        # The API opens its port just after the public one (cli.serve_runtime):
+        # the other probes, hence readiness, wait until it is open. Auto-init
+        # comes first, so this allows it OW_START_TIMEOUT (60 s) and more.
+        probes["startupProbe"] = {"tcpSocket": {"port": "api"}, "periodSeconds": 1, "failureThreshold": 120}
     return {
         "name": "action",
         "image": spec.image,
         "imagePullPolicy": "IfNotPresent",
-        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
-        "env": [{"name": k, "value": v} for k, v in env.items()],
-        "readinessProbe": {"httpGet": {"path": "/readyz", **probe}, "periodSeconds": 5, "failureThreshold": 2},
-        "livenessProbe": {"httpGet": {"path": "/healthz", **probe}, "periodSeconds": 10, "failureThreshold": 3},
+        "ports": ports,
+        "env": env_list,
+        **probes,
         "resources": {
             "requests": {"cpu": "100m", "memory": "64Mi"},
             "limits": {"cpu": "1", "memory": "256Mi"},
@@ -121,11 +184,15 @@ def container(spec: KubeSpec) -> dict[str, Any]:
 
 
 def deployment(spec: KubeSpec) -> dict[str, Any]:
+    pod_meta: dict[str, Any] = {"labels": labels(spec)}
+    if spec.api_token and not spec.api_token_secret:
+        pod_meta["annotations"] = {TOKEN_ANNOTATION: hashlib.sha256(spec.api_token.encode()).hexdigest()}
     pod = {
-        "metadata": {"labels": labels(spec)},
+        "metadata": pod_meta,
         "spec": {
-            # Drain (in-flight messages, 1001 to clients) fits inside the grace period.
-            "terminationGracePeriodSeconds": DRAIN_TIMEOUT + 10,
+            # The whole shutdown (README: Shutdown) fits, with 4 s to spare:
+            # delay 5 + drain 20 + last closes 1 + action stop 5 = 31 s.
+            "terminationGracePeriodSeconds": DRAIN_DELAY + DRAIN_TIMEOUT + 1 + STOP_GRACE + 4,
             "securityContext": {
                 "runAsNonRoot": True,
                 "runAsUser": USER_ID,
@@ -150,14 +217,15 @@ def deployment(spec: KubeSpec) -> dict[str, Any]:
 
 
 def service(spec: KubeSpec) -> dict[str, Any]:
+    ports = [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    if spec.management:
+        # Inside the cluster only: the Ingress routes the http port alone.
+        ports.append({"name": "api", "port": API_PORT, "targetPort": "api", "protocol": "TCP"})
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": metadata(spec),
-        "spec": {
-            "selector": labels(spec),
-            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
-        },
+        "spec": {"selector": labels(spec), "ports": ports},
     }
 
 
@@ -181,8 +249,119 @@ def ingress(spec: KubeSpec) -> dict[str, Any]:
     }
 
 
+def secret(spec: KubeSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata(spec, spec.token_secret),
+        "type": "Opaque",
+        "data": {API_TOKEN_KEY: base64.b64encode(spec.api_token.encode()).decode()},
+    }
+
+
+def redis_deployment(spec: KubeSpec) -> dict[str, Any]:
+    container = {
+        "name": "redis",
+        "image": REDIS_IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["redis-server"],
+        # No persistence: Redis holds only who is connected where, and every
+        # replica writes its connections anew after a restart (bus.py).
+        # Unprotected: only this app's pods reach it (redis_policy).
+        "args": ["--save", "", "--appendonly", "no", "--protected-mode", "no"],
+        "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 10, "failureThreshold": 3},
+        "resources": {
+            "requests": {"cpu": "50m", "memory": "32Mi"},
+            "limits": {"cpu": "500m", "memory": "256Mi"},
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [{"name": "data", "mountPath": REDIS_DATA}],
+    }
+    pod = {
+        "metadata": {"labels": labels(spec, "redis")},
+        "spec": {
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": REDIS_USER,
+                "runAsGroup": REDIS_GROUP,
+                "fsGroup": REDIS_GROUP,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [container],
+            "volumes": [{"name": "data", "emptyDir": {}}],
+        },
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(spec, f"{spec.name}-redis", "redis"),
+        "spec": {
+            "replicas": 1,
+            # Never two at once: replicas on different Redises would not see each other.
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": labels(spec, "redis")},
+            "template": pod,
+        },
+    }
+
+
+def redis_service(spec: KubeSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(spec, f"{spec.name}-redis", "redis"),
+        "spec": {
+            "selector": labels(spec, "redis"),
+            "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis", "protocol": "TCP"}],
+        },
+    }
+
+
+def redis_policy(spec: KubeSpec) -> dict[str, Any]:
+    """Only the runtime's pods may reach the bundled Redis (it has no password)."""
+    allowed = {
+        "from": [{"podSelector": {"matchLabels": labels(spec)}}],
+        "ports": [{"port": "redis", "protocol": "TCP"}],
+    }
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(spec, f"{spec.name}-redis", "redis"),
+        "spec": {
+            "podSelector": {"matchLabels": labels(spec, "redis")},
+            "policyTypes": ["Ingress"],
+            "ingress": [allowed],
+        },
+    }
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def caveats(spec: KubeSpec) -> list[str]:
+    """What the manifests will do that the user may not expect."""
+    if spec.management and spec.replicas > 1 and not spec.redis:
+        alone = f"the API of each of the {spec.replicas} replicas reaches only its own connections"
+        return [f"{alone}: add --with-redis or --redis URL"]
+    return []
+
+
 def manifests(spec: KubeSpec, code: bytes) -> list[dict[str, Any]]:
-    docs = [config_map(spec, code), deployment(spec), service(spec), ingress(spec)]
+    if spec.management and not spec.api_token_secret and not spec.api_token:
+        spec = replace(spec, api_token=new_token())
+    docs = [config_map(spec, code)]
+    if spec.management and not spec.api_token_secret:
+        docs.append(secret(spec))
+    if spec.with_redis:
+        docs += [redis_deployment(spec), redis_service(spec), redis_policy(spec)]
+    docs += [deployment(spec), service(spec), ingress(spec)]
     if spec.namespace:
         docs.insert(0, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": spec.namespace}})
     return docs
