@@ -116,12 +116,23 @@ def test_line_with_nothing_in_flight_is_stray_untagged_too() -> None:
     assert core.phase is Phase.BROKEN and "hello" in (core.fault or "")
 
 
-def test_untagged_pairs_by_position() -> None:
-    """Without a key, results pair by position (the generic ActionLoop contract)."""
+def test_untagged_pairs_by_position_one_at_a_time() -> None:
+    """Without a key, one line is in flight at a time and its result is the next line (the generic contract)."""
     core = running(key=b"", ack=False)
     assert core.send(b"{}\n", "a") == (b"{}\n",)
+    assert not core.room
+    assert core.receive_data(b'{"r":1}\n') == [("a", b'{"r":1}')]
     core.send(b"{}\n", "b")
-    assert core.receive_data(b'{"r":1}\n{"r":2}\n') == [("a", b'{"r":1}'), ("b", b'{"r":2}')]
+    assert core.receive_data(b'{"r":2}\n') == [("b", b'{"r":2}')]
+
+
+def test_untagged_line_after_its_result_is_caught() -> None:
+    """A generic program's extra line written with its result finds nothing in flight: stray, not the next reply."""
+    core = running(key=b"", ack=False)
+    core.send(b"{}\n", "a")
+    outcomes = core.receive_data(b'{"r":1}\n{"debug":"extra"}\n')
+    assert outcomes == [("a", b'{"r":1}')]
+    assert core.phase is Phase.BROKEN and "extra" in (core.fault or "")
 
 
 def test_bad_result_keeps_pairing() -> None:

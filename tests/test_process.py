@@ -35,9 +35,9 @@ def script(tmp_path: Path, body: str = ECHO) -> Path:
     return path
 
 
-async def started(path: Path, ack: bool = True) -> ActionProcess:
+async def started(path: Path, ack: bool = True, tagged: bool = False) -> ActionProcess:
     env = dict(os.environ, ACK="1" if ack else "")
-    process = ActionProcess(path, env, max_result=1 << 20, ack=ack)
+    process = ActionProcess(path, env, max_result=1 << 20, ack=ack, tagged=tagged)
     await process.start(timeout=10 * TIME_FACTOR)
     return process
 
@@ -177,8 +177,10 @@ def test_stop_reaps_the_whole_group(tmp_path: Path) -> None:
 
 
 # Answers each line with how many lines came in the read that brought it.
+# Tagged as our launcher does (core.py): only tagged programs are pipelined.
 BATCHES = """#!/usr/bin/env python3
 import os
+key = os.environ["ACTIONLOOP_RESULT_KEY"].encode()
 os.write(3, b'{"ok": true}\\n')
 while True:
     chunk = os.read(0, 1 << 16)
@@ -186,9 +188,10 @@ while True:
         break
     lines = chunk.splitlines()
     for line in lines:
-        if line == b'{"die":1}':
+        number, _, body = line.partition(b" ")
+        if body == b'{"die":1}':
             os._exit(5)
-        os.write(3, b'{"line": %s, "read_with": %d}\\n' % (line, len(lines)))
+        os.write(3, b'%s %s {"line": %s, "read_with": %d}\\n' % (key, number, body, len(lines)))
 """
 
 
@@ -196,7 +199,7 @@ def test_lines_of_one_loop_turn_share_one_write(tmp_path: Path) -> None:
     """Lines submitted in one turn reach the action in one read; each still gets its own result, in order."""
 
     async def scenario() -> None:
-        process = await started(script(tmp_path, BATCHES))
+        process = await started(script(tmp_path, BATCHES), tagged=True)
         futures = [asyncio.ensure_future(invoke(process, b"%d\n" % n)) for n in range(DEPTH)]
         results = [json.loads(r) for r in await asyncio.gather(*futures)]
         assert results == [{"line": n, "read_with": DEPTH} for n in range(DEPTH)]
@@ -209,7 +212,7 @@ def test_crash_in_a_batch(tmp_path: Path) -> None:
     """Lines answered before a crash keep their results; the one that crashed fails; later ones are NOT_STARTED."""
 
     async def scenario() -> None:
-        process = await started(script(tmp_path, BATCHES))
+        process = await started(script(tmp_path, BATCHES), tagged=True)
         lines = [b"1\n", b'{"die":1}\n', b"3\n"]
         outcomes = await asyncio.gather(*(invoke(process, line) for line in lines), return_exceptions=True)
         assert json.loads(outcomes[0])["line"] == 1  # type: ignore[arg-type]
