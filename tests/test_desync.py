@@ -132,3 +132,28 @@ def test_clients_that_vanish_mid_flight_cost_nobody_else(start_server: Any, tmp_
                 assert json.loads(ws.recv(timeout=TIMEOUT)) == {"me": me, "n": n}
 
     concurrently(8, client)
+
+
+GENERIC = """#!/usr/bin/env python3
+import json, os, sys, time
+for line in sys.stdin:
+    value = json.loads(line).get("value", {})
+    out = json.dumps({"client": value.get("client"), "n": value.get("n"), "pid": os.getpid()}) + "\\n"
+    if value.get("trouble"):
+        out += json.dumps({"client": "nobody", "n": -1}) + "\\n"  # one debug line, with the result
+    time.sleep(0.002)
+    os.write(3, out.encode())
+"""
+
+
+def test_generic_program_extra_line_under_load(start_server: Any, tmp_path: Path) -> None:
+    """A generic program writing an extra line with a result, 8 clients in shared mode: no reply goes to another client."""
+    program = tmp_path / "exec"
+    program.write_text(GENERIC)
+    program.chmod(0o755)
+    server = start_server({"OW_WEBSOCKET": "/ws", "OW_AUTOINIT": str(program)})
+    counts = hammer(server, clients=8, seconds=3 * TIME_FACTOR)
+    print("generic", counts)  # for the record: pytest -s shows it
+    assert counts["wrong"] == 0, counts
+    assert counts["right"] > 100, counts
+    assert "not the result of an activation sent to it" in server.err()
