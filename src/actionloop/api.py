@@ -21,6 +21,7 @@ from .hub import Hub
 
 HUB = web.AppKey("hub", Hub)
 GONE = protocol.error("The connection is gone (or never was).")
+MAX_CHANNEL = 256
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 if TYPE_CHECKING:
     from aiohttp.typedefs import Middleware
@@ -52,6 +53,8 @@ def bearer(token: str) -> Middleware:
             return await handler(request)
         except Unavailable as exc:
             return answer(protocol.error(exc.message), exc.status)
+        except web.HTTPException as exc:  # 404, 405...: JSON too
+            return answer(protocol.error(exc.reason), exc.status)
 
     return check
 
@@ -88,8 +91,19 @@ async def close(request: web.Request) -> web.Response:
     return await to_connection(request, {"op": "close"}, "closed")
 
 
+def bad_channel(channel: str) -> web.Response | None:
+    """A 400 for a channel name too long or with control characters."""
+    if len(channel) > MAX_CHANNEL or not channel.isprintable():
+        return answer(protocol.error(f"A channel name is 1 to {MAX_CHANNEL} printable characters."), 400)
+    return None
+
+
 async def subscribe(request: web.Request) -> web.Response:
-    return await to_connection(request, {"op": "subscribe", "channel": request.match_info["channel"]}, "subscribed")
+    channel = request.match_info["channel"]
+    refused = bad_channel(channel)
+    if refused is not None:
+        return refused
+    return await to_connection(request, {"op": "subscribe", "channel": channel}, "subscribed")
 
 
 async def unsubscribe(request: web.Request) -> web.Response:
@@ -98,6 +112,9 @@ async def unsubscribe(request: web.Request) -> web.Response:
 
 
 async def publish(request: web.Request) -> web.Response:
+    refused = bad_channel(request.match_info["channel"])
+    if refused is not None:
+        return refused
     data = await message(request)
     if isinstance(data, web.Response):
         return data

@@ -19,6 +19,8 @@ from typing import Any, Protocol
 
 from .errors import Unavailable
 
+# Channels one connection may be in: each costs memory on every write of its record.
+MAX_CHANNELS = 1000
 # A connection's own words when the API closes it.
 CLOSED_BY_API = b"closed by the management API"
 
@@ -121,6 +123,8 @@ class Hub:
         elif op == "close":
             member.end(CLOSED_BY_API)
         elif op == "subscribe":
+            if len(member.channels) >= MAX_CHANNELS and operation["channel"] not in member.channels:
+                raise Unavailable(f"A connection is in {MAX_CHANNELS} channels at most.")
             member.channels.add(operation["channel"])
             self.channels.setdefault(operation["channel"], set()).add(member)
             self._changed(member)
