@@ -472,3 +472,17 @@ def test_client_that_never_reads_is_let_go(start_server: Any, tmp_path: Path) ->
             every=0.5,
         )
         assert '"code":1008' in server.err()
+
+
+def test_api_errors_are_json_and_channel_names_are_checked(start_server: Any, tmp_path: Path) -> None:
+    """An unknown path or method answers JSON; a channel name too long or with control characters is 400."""
+    server, api = pushing(start_server, tmp_path)
+    status, body = api.call("GET", "/nowhere")
+    assert status == 404 and "error" in body, body
+    status, body = api.call("PATCH", "/broadcast", {})
+    assert status == 405 and "error" in body, body
+    with client(server) as (_, me):
+        assert api.call("PUT", f"/connections/{me}/channels/{'c' * 300}")[0] == 400
+        assert api.call("PUT", f"/connections/{me}/channels/a%0Db")[0] == 400
+        assert api.call("POST", "/channels/a%00b", {})[0] == 400
+        assert api.call("PUT", f"/connections/{me}/channels/{'c' * 256}")[0] == 200
