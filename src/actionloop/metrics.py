@@ -27,6 +27,7 @@ class Metrics:
         self.received = 0
         self.sent = 0
         self.restarts = 0
+        self.updates = {"ok": 0, "failed": 0}  # live updates of the action, by result
         self.in_flight = 0  # gauge: WebSocket messages being answered
         self.errors: collections.Counter[str] = collections.Counter()
         self.buckets = [0] * (len(BUCKETS) + 1)  # the last one is +Inf
@@ -38,6 +39,9 @@ class Metrics:
 
     def restarted(self) -> None:
         self.restarts += 1
+
+    def updated(self, ok: bool) -> None:
+        self.updates["ok" if ok else "failed"] += 1
 
     def observe(self, seconds: float) -> None:
         self.buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
@@ -68,6 +72,12 @@ class Metrics:
             sum_value=self.latency_sum,
         )
         yield CounterMetricFamily("actionloop_action_restarts", "Action processes replaced after dying", self.restarts)
+        updates = CounterMetricFamily(
+            "actionloop_action_updates", "Live updates of the action, by result", labels=["result"]
+        )
+        for result, count in self.updates.items():
+            updates.add_metric([result], count)
+        yield updates
         yield GaugeMetricFamily("actionloop_messages_in_flight", "WebSocket messages being answered", self.in_flight)
 
     def render(self) -> bytes:

@@ -73,8 +73,17 @@ class Runtime:
         self.hub = Hub()
         self._events_pending = 0
         self._events_idle: asyncio.Future[None] | None = None
+        self._events_pending = 0
+        self._events_idle: asyncio.Future[None] | None = None
         self._own_runners: set[Runner] = set()  # connection mode: one per connection
         self._activation_ids = activation_ids()
+        # Live update (README): replaced runners finishing their work; the
+        # folder each runner runs from; the folders of versions an update
+        # replaced, removed when no runner runs from them (/init keeps them all).
+        self._retiring: dict[Runner, asyncio.Task[None]] = {}
+        self._folders: dict[Runner, Path] = {}
+        self._folder: Path | None = None  # the current version's
+        self._replaced: set[Path] = set()
 
     @property
     def initialized(self) -> bool:
@@ -95,21 +104,61 @@ class Runtime:
         """Unpack, prepare and start an action; raise with the reply to give."""
         async with self._init_lock:
             self.check_can_init()
-            folder = next_folder(self.config.action_dir.absolute())
             try:
-                exec_path = await asyncio.to_thread(self._prepare, request, folder)
+                previous = await self._install(request)
             except PrepareError as exc:
-                discard(folder)
                 raise self._init_failure(exc, PREPARE_FAILED_LOGGED) from exc
-            start = self._starter(exec_path, request.env)
-            runner = self._runner(start)
-            try:
-                await runner.open()
             except StartError as exc:
                 raise self._init_failure(exc, START_FAILED_LOGGED, "cannot start action: ") from exc
-            previous, self.runner, self._start = self.runner, runner, start
         if previous is not None:
             await previous.close()
+            await self._retired(previous)
+
+    async def update(self, code: bytes, main: str) -> None:
+        """Live update (README): start the new version beside the running one,
+        then switch. New activations go to the new code; the old processes
+        finish what they hold, then stop; in connection mode, open
+        connections keep their own. Raises ActionLoopError if the new version
+        cannot prepare or start: the running one serves on, untouched."""
+        async with self._init_lock:
+            replaced = self._folder
+            previous = await self._install(InitRequest(code, binary=True, main=main), tidy=True)
+            if replaced is not None:
+                self._replaced.add(replaced)
+        if previous is not None:
+            self._retiring[previous] = asyncio.ensure_future(self._retire(previous))
+
+    async def _install(self, request: InitRequest, tidy: bool = False) -> Runner | None:
+        """Prepare in a new folder, start every process (acked), then take
+        over; the runner replaced is returned for the caller to close. The
+        folder of a version that could not be prepared goes, and with `tidy`
+        (live update) that of one that could not start too."""
+        folder = next_folder(self.config.action_dir.absolute())
+        try:
+            exec_path = await asyncio.to_thread(self._prepare, request, folder)
+            start = self._starter(exec_path, request.env)
+            runner = self._runner(start)
+            await runner.open()
+        except ActionLoopError as exc:
+            if tidy or isinstance(exc, PrepareError):
+                discard(folder)
+            raise
+        previous, self.runner, self._start, self._folder = self.runner, runner, start, folder
+        self._folders[runner] = folder
+        return previous
+
+    async def _retire(self, runner: Runner) -> None:
+        """A replaced runner answers what it was given, then stops."""
+        await runner.close()
+        del self._retiring[runner]
+        await self._retired(runner)
+
+    async def _retired(self, runner: Runner) -> None:
+        """A runner has stopped: a replaced version's folder goes once no runner runs from it."""
+        folder = self._folders.pop(runner, None)
+        if folder in self._replaced and folder not in self._folders.values():
+            self._replaced.discard(folder)
+            await asyncio.to_thread(discard, folder)
 
     def _runner(self, start: Starter) -> Runner:
         """The runner of the configured mode (connection mode: for /run only)."""
@@ -236,6 +285,26 @@ class Runtime:
             except TimeoutError:
                 log(f"actionloop: {self._events_pending} disconnect events were still running at exit")
 
+    def activate_event(self, body: dict[str, Any]) -> None:
+        """A disconnect event: its result goes nowhere, but shutdown waits for it (events_settled)."""
+        self._events_pending += 1
+
+        def done(outcome: bytes | ActionLoopError) -> None:
+            self._events_pending -= 1
+            if not self._events_pending and self._events_idle is not None and not self._events_idle.done():
+                self._events_idle.set_result(None)
+
+        self.activate(body, self.config.message_timeout or None, done)
+
+    async def events_settled(self, timeout: float) -> None:
+        """Wait, up to `timeout`, for the disconnect events of the connections the drain closed."""
+        if self._events_pending:
+            self._events_idle = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._events_idle), timeout)
+            except TimeoutError:
+                log(f"actionloop: {self._events_pending} disconnect events were still running at exit")
+
     def activation_meta(self, connection: str) -> dict[str, str]:
         """The per-activation keys of a WebSocket message (SPEC.md part C)."""
         meta = {"activation_id": next(self._activation_ids), "connection_id": connection}
@@ -258,6 +327,8 @@ class Runtime:
         self.own_processes += 1
         runner = Single(self._start, self.config.stop_grace, self.metrics.restarted)
         self._own_runners.add(runner)
+        if self._folder is not None:
+            self._folders[runner] = self._folder  # kept while this connection runs from it
         return Session(self, connection, runner)
 
     def check_room(self) -> None:
@@ -280,7 +351,9 @@ class Runtime:
     async def close(self, wait: float | None = None) -> None:
         """Stop every action process, the connections' own too; past `wait`
         seconds queued activations fail and running ones are stopped."""
-        runners = [*self._own_runners, *([self.runner] if self.runner is not None else [])]
+        for task in self._retiring.values():
+            task.cancel()  # replaced runners are closed here too, with this `wait`
+        runners = [*self._own_runners, *self._retiring, *([self.runner] if self.runner is not None else [])]
         await asyncio.gather(*(runner.close(wait) for runner in runners))
 
 
@@ -306,6 +379,7 @@ class Session:
             self.runtime._own_runners.discard(self.runner)
             await self.runner.close()
             self.runtime.own_processes -= 1
+            await self.runtime._retired(self.runner)
 
     def activate(self, value: Any, done: Finished) -> None:
         """One message of this connection, with its own keys, to its runner."""
