@@ -73,8 +73,6 @@ class Runtime:
         self.hub = Hub()
         self._events_pending = 0
         self._events_idle: asyncio.Future[None] | None = None
-        self._events_pending = 0
-        self._events_idle: asyncio.Future[None] | None = None
         self._own_runners: set[Runner] = set()  # connection mode: one per connection
         self._activation_ids = activation_ids()
         # Live update (README): replaced runners finishing their work; the
@@ -264,26 +262,6 @@ class Runtime:
             done(outcome)
 
         runner.submit(line, timeout, answered)
-
-    def activate_event(self, body: dict[str, Any]) -> None:
-        """A disconnect event: its result goes nowhere, but shutdown waits for it (events_settled)."""
-        self._events_pending += 1
-
-        def done(outcome: bytes | ActionLoopError) -> None:
-            self._events_pending -= 1
-            if not self._events_pending and self._events_idle is not None and not self._events_idle.done():
-                self._events_idle.set_result(None)
-
-        self.activate(body, self.config.message_timeout or None, done)
-
-    async def events_settled(self, timeout: float) -> None:
-        """Wait, up to `timeout`, for the disconnect events of the connections the drain closed."""
-        if self._events_pending:
-            self._events_idle = asyncio.get_running_loop().create_future()
-            try:
-                await asyncio.wait_for(asyncio.shield(self._events_idle), timeout)
-            except TimeoutError:
-                log(f"actionloop: {self._events_pending} disconnect events were still running at exit")
 
     def activate_event(self, body: dict[str, Any]) -> None:
         """A disconnect event: its result goes nowhere, but shutdown waits for it (events_settled)."""
