@@ -154,7 +154,10 @@ class LineProtocol(Generic[Caller]):
                 caller, tag = self.in_flight[0]
                 if data.startswith(tag) and len(data) - len(tag) <= self.max_result + 1:
                     self.in_flight.popleft()
-                    return [(caller, _outcome(data[len(tag) :] if tag else data))]
+                    try:
+                        return [(caller, protocol.check_result(data[len(tag) :] if tag else data))]
+                    except protocol.JSON_ERRORS:
+                        return [(caller, BadResult())]
             lines = [data]
         else:
             lines = self._split(data)

@@ -320,7 +320,8 @@ class ActionProcess:
     @property
     def room(self) -> bool:
         """Whether another activation line can be sent now (up to DEPTH in flight)."""
-        return self.state is State.READY and self._core.room
+        core = self._core  # core.room, inlined: asked twice per message
+        return self.state is State.READY and core.phase is Phase.RUNNING and len(core.in_flight) < core.depth
 
     def submit(self, line: bytes, timeout: float | None, done: Done) -> None:
         """Send one activation line; `done` gets its result (JSON object or
@@ -420,7 +421,10 @@ class ActionProcess:
         for (_, done), outcome in outcomes:
             if outcome is not NOT_STARTED:
                 write_sentinels()
-            complete(done, outcome)
+            try:  # complete(), inlined on the hot path
+                done(outcome)
+            except Exception as exc:  # noqa: BLE001 - reported, not swallowed
+                report(exc)
 
     def _pipe_closed(self) -> None:
         """fd 3 closed (the process is gone, even if not yet reaped), or stdin broke."""
@@ -515,11 +519,16 @@ def complete(done: Callable[[T], None], outcome: T) -> None:
     try:
         done(outcome)
     except Exception as exc:  # noqa: BLE001 - reported, not swallowed
-        context = {"message": f"an activation's completion raised: {exc!r}", "exception": exc}
-        try:
-            asyncio.get_running_loop().call_exception_handler(context)
-        except RuntimeError:
-            logging.getLogger("actionloop").exception(context["message"])
+        report(exc)
+
+
+def report(exc: Exception) -> None:
+    """A completion raised: say so through the loop's exception handler (or the log)."""
+    context = {"message": f"an activation's completion raised: {exc!r}", "exception": exc}
+    try:
+        asyncio.get_running_loop().call_exception_handler(context)
+    except RuntimeError:
+        logging.getLogger("actionloop").exception(context["message"])
 
 
 async def settled(submit: Callable[[Done], None]) -> bytes:
