@@ -25,6 +25,7 @@ from .listener import Endpoints, listen
 from .prepare import prepare
 from .process import adopt_orphans, sweep_orphans
 from .runtime import Runtime, log
+from .watch import Watcher
 from .websocket import Sockets, drain
 
 if TYPE_CHECKING:  # imported where used: a pod started with env only needs neither
@@ -115,7 +116,44 @@ def kube_parser() -> argparse.ArgumentParser:
     parser.add_argument("--main", default="main", help="entry point (default main)")
     parser.add_argument("--ingress-class", default="nginx", help="ingressClassName (default nginx)")
     parser.add_argument("--demo", action="store_true", help="also serve the demo page at /")
+    push = parser.add_argument_group("push, channels and events (README: Push, channels and events)")
+    push.add_argument(
+        "--api",
+        action="store_true",
+        help="the management API on port 8081: a Service port `api` the Ingress never routes, "
+        "its token a new random one in a Secret NAME-api",
+    )
+    push.add_argument(
+        "--api-token-secret",
+        metavar="SECRET",
+        default="",
+        help="take the API token from this existing Secret (key `token`) instead; implies --api",
+    )
+    redis = push.add_mutually_exclusive_group()
+    redis.add_argument(
+        "--redis",
+        metavar="URL",
+        type=redis_url,
+        help="Redis that joins the replicas' APIs (OW_REDIS_URL, redis://HOST:PORT/DB); implies --api",
+    )
+    redis.add_argument(
+        "--with-redis",
+        action="store_true",
+        help="also deploy one Redis without persistence (Deployment and Service NAME-redis) and use it; implies --api",
+    )
+    push.add_argument(
+        "--events", action="store_true", help="invoke the action on connect and disconnect (OW_WEBSOCKET_EVENTS=1)"
+    )
     return parser
+
+
+def redis_url(text: str) -> str:
+    """`--redis URL`: a URL redis-py takes, refused now rather than by every pod at start-up."""
+    import argparse
+
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise argparse.ArgumentTypeError("a Redis URL starts with redis://, rediss:// or unix://")
+    return text
 
 
 def print_manifests(args: argparse.Namespace) -> int:
@@ -132,7 +170,14 @@ def print_manifests(args: argparse.Namespace) -> int:
         main=args.main,
         demo=args.demo,
         ingress_class=args.ingress_class,
+        api=args.api,
+        api_token_secret=args.api_token_secret,
+        redis_url=args.redis or "",
+        with_redis=args.with_redis,
+        events=args.events,
     )
+    for caveat in kube.caveats(spec):
+        log(f"actionloop kube: {caveat}")
     try:
         code = args.file.read_bytes()
     except OSError as exc:
@@ -184,18 +229,26 @@ def serve_file(args: argparse.Namespace) -> int:
 
 def named_source(config: Config, folder: Path) -> str:
     """For a plain Python source, a NAMED_SOURCE for it in `folder`; else ""."""
-    path = Path(config.autoinit).absolute()
     try:
-        code = path.read_bytes()
+        code = Path(config.autoinit).read_bytes()
     except OSError:
         return ""  # auto-init says so, naming the file
+    named = named_code(config, code)
+    if named is code:
+        return ""
+    stand_in = folder / "named_source.py"
+    stand_in.write_bytes(named)
+    return str(stand_in)
+
+
+def named_code(config: Config, code: bytes) -> bytes:
+    """A plain Python source wrapped in NAMED_SOURCE (at start-up and at each
+    live update); anything else, the same bytes."""
     # Only what prepare gives to the Python launcher; anything else goes as it is.
     archives = (archive.ZIP_MAGIC, archive.GZIP_MAGIC)
     if config.compiler or not code.strip() or code.startswith(archives) or archive.is_executable_bytes(code):
-        return ""
-    stand_in = folder / "named_source.py"
-    stand_in.write_text(NAMED_SOURCE.format(path=str(path), code=code))
-    return str(stand_in)
+        return code
+    return NAMED_SOURCE.format(path=str(Path(config.autoinit).absolute()), code=code).encode()
 
 
 def compile_action(main: str, config: Config) -> int:
@@ -250,7 +303,14 @@ async def serve(config: Config, announce: bool, read_from: str = "") -> int:
 
 async def serve_runtime(runtime: Runtime, announce: bool, read_from: str) -> int:
     config = runtime.config
+    watcher = None
     if config.autoinit:
+        import functools
+
+        # Live update (README): watched from before the first read, so no change is missed.
+        wrap = functools.partial(named_code, config) if read_from else None
+        watcher = Watcher(runtime, config.autoinit, config.autoinit_main, config.autoinit_poll, wrap)
+        watcher.baseline()
         try:
             await runtime.autoinit(read_from or config.autoinit, config.autoinit_main)
         except ActionLoopError as exc:
@@ -290,12 +350,23 @@ async def serve_runtime(runtime: Runtime, announce: bool, read_from: str) -> int
             message += f"\nactionloop {__version__}: demo page at http://{host}:{port}/"
         (print if announce else log)(message)
         sys.stdout.flush()
+    if watcher is not None:
+        watcher.start()
     await wait_for_signal()
-    # Graceful shutdown (SPEC.md part C): no new connections; WebSockets hear
-    # 1001 once their replies are out; requests in hand finish; then stop.
+    # Graceful shutdown (SPEC.md part C). Not ready at once, yet new
+    # connections are still taken for OW_DRAIN_DELAY, until every proxy has
+    # heard that this pod is going (README: Shutdown); a second signal cuts
+    # that short. Then no new connections; WebSockets hear 1001 once their
+    # replies are out; requests in hand finish; then stop.
+    sockets.leaving = True
+    if config.drain_delay > 0:
+        await wait_for_signal(config.drain_delay)
     listening.close()
     drain(sockets)
-    await asyncio.gather(endpoints.close(), sockets.closed(config.drain_timeout))
+    closing = [endpoints.close(), sockets.closed(config.drain_timeout)]
+    if watcher is not None:
+        closing.append(watcher.close())  # no new version now; one being started completes
+    await asyncio.gather(*closing)
     # The drain closed connections: their disconnect events run before the stop.
     await runtime.events_settled(config.stop_grace)
     if management is not None:
@@ -303,9 +374,13 @@ async def serve_runtime(runtime: Runtime, announce: bool, read_from: str) -> int
     return 0
 
 
-async def wait_for_signal() -> None:
+async def wait_for_signal(timeout: float | None = None) -> None:
+    """Until SIGTERM or SIGINT, or `timeout` seconds."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    try:
+        await asyncio.wait_for(stop.wait(), timeout)
+    except TimeoutError:
+        pass

@@ -36,6 +36,9 @@ SETTINGS = (
     Setting("origins", "OW_WEBSOCKET_ORIGIN", "allowed Origin hosts or origins, comma-separated"),
     Setting("autoinit", "OW_AUTOINIT", "file to initialise the action from at start-up"),
     Setting("autoinit_main", "OW_AUTOINIT_MAIN", "entry point of the auto-init action"),
+    Setting(
+        "autoinit_poll", "OW_AUTOINIT_POLL", "seconds between checks of the auto-init file for a new version; 0: none"
+    ),
     Setting("wait_for_ack", "OW_WAIT_FOR_ACK", "actions acknowledge start-up on fd 3"),
     Setting("log_init_error", "OW_LOG_INIT_ERROR", "init failures go to the log, not the reply"),
     Setting("execution_env", "OW_EXECUTION_ENV", "execution environment stamped on actions"),
@@ -48,6 +51,7 @@ SETTINGS = (
     Setting("start_timeout", "OW_START_TIMEOUT", "seconds an action may take to start"),
     Setting("stop_grace", "OW_STOP_GRACE", "seconds between SIGTERM and SIGKILL"),
     Setting("drain_timeout", "OW_DRAIN_TIMEOUT", "seconds in-flight work may take after SIGTERM"),
+    Setting("drain_delay", "OW_DRAIN_DELAY", "seconds after SIGTERM that new connections are still taken"),
     Setting("ping_interval", "OW_WEBSOCKET_PING", "seconds between keep-alive pings; 0: none"),
     Setting("demo", "OW_DEMO", "serve the demo page at /"),
     Setting("message_timeout", "OW_WEBSOCKET_TIMEOUT", "seconds a WebSocket message may take; 0: no limit"),
@@ -76,6 +80,9 @@ class Config:
     origins: tuple[str, ...] = ()
     autoinit: str = ""
     autoinit_main: str = "main"
+    # Live update (README): a stat every 2 s costs nothing beside the
+    # kubelet's own delay of up to a minute in putting a ConfigMap in place.
+    autoinit_poll: float = 2.0
     wait_for_ack: bool = False
     log_init_error: bool = False
     execution_env: str = ""
@@ -88,6 +95,10 @@ class Config:
     start_timeout: float = 60.0
     stop_grace: float = 5.0
     drain_timeout: float = 20.0
+    # After SIGTERM, /readyz fails at once, but the endpoints change takes a
+    # while to reach every kube-proxy and ingress controller (typically 1-3 s);
+    # until then they still send new connections here, which must not be refused.
+    drain_delay: float = 5.0
     # Well under ingress-nginx's default 60 s read timeout (and proxies' idle cut).
     ping_interval: float = 20.0
     demo: bool = False

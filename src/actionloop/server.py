@@ -156,14 +156,12 @@ async def handle_live(request: web.Request) -> web.Response:
 
 
 async def handle_ready(request: web.Request) -> web.Response:
-    """Readiness: an action is initialised and the server is not draining."""
+    """Readiness: an action is initialised and no SIGTERM came (it fails at
+    once, while new connections are still taken for OW_DRAIN_DELAY)."""
     runtime = request.app[RUNTIME]
-    ready = runtime.initialized and not request.app[SOCKETS].draining
-    state: dict[str, object] = {
-        "ready": ready,
-        "initialized": runtime.initialized,
-        "draining": request.app[SOCKETS].draining,
-    }
+    leaving = request.app[SOCKETS].leaving
+    ready = runtime.initialized and not leaving
+    state: dict[str, object] = {"ready": ready, "initialized": runtime.initialized, "draining": leaving}
     bus = runtime.hub.bus
     if bus is not None:
         # Said, not acted on: with Redis down this replica still serves its

@@ -66,6 +66,9 @@ class Sockets:
     def __init__(self) -> None:
         self.open: set[Conversation] = set()
         self.busy: set[Conversation] = set()
+        # SIGTERM came: /readyz fails, yet connections are still taken for
+        # OW_DRAIN_DELAY seconds (cli.serve_runtime); `draining` comes after.
+        self.leaving = False
         self.draining = False
 
     async def closed(self, timeout: float) -> None:
@@ -494,6 +497,6 @@ def is_utf8(data: bytes) -> bool:
 
 def drain(sockets: Sockets) -> None:
     """On shutdown, idle WebSockets hear 1001 (going away) now; busy ones after their replies."""
-    sockets.draining = True
+    sockets.leaving = sockets.draining = True
     for conversation in list(sockets.open - sockets.busy):
         conversation.close(WSCloseCode.GOING_AWAY, GOING_AWAY)
