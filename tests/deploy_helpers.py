@@ -4,7 +4,12 @@
 `actionloop` exactly as the container would: the image's entrypoint, its ENV
 and WORKDIR, the container's env, the ConfigMap's files at the mount path. The
 one change: container paths live under a temporary root, and the port is a
-free one (tests share the machine).
+free one (tests share the machine). Env from a Secret comes from the
+generated Secret, or from one given as already in the cluster; a Service's
+DNS name in the env becomes the address of its local stand-in.
+
+`Redis` runs the local redis-server as the bundled Redis Deployment's
+container says (its command and args, /data as the working folder).
 
 `Nginx` runs a private nginx configured from a generated Ingress: its path,
 the WebSocket upgrade headers and the timeouts of its annotations.
@@ -18,6 +23,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -45,9 +51,13 @@ def need(program: str) -> str:
 
 
 def generate(action: Path, *args: str) -> dict[str, dict[str, Any]]:
-    """Run `actionloop kube` and return its documents by kind."""
+    """Run `actionloop kube` and return its documents by kind; the bundled Redis's as `redis/KIND`."""
     done = subprocess.run([ACTIONLOOP, "kube", str(action), *args], capture_output=True, check=True, timeout=30)
-    return {doc["kind"]: doc for doc in yaml.safe_load_all(done.stdout)}
+    docs = {}
+    for doc in yaml.safe_load_all(done.stdout):
+        component = doc["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+        docs[f"redis/{doc['kind']}" if component == "redis" else doc["kind"]] = doc
+    return docs
 
 
 def dockerfile() -> dict[str, Any]:
@@ -68,22 +78,42 @@ def dockerfile() -> dict[str, Any]:
 class Pod:
     """One container of a generated Deployment, started as the kubelet would."""
 
-    def __init__(self, docs: dict[str, dict[str, Any]], root: Path, **env_overrides: str) -> None:
+    def __init__(
+        self,
+        docs: dict[str, dict[str, Any]],
+        root: Path,
+        services: dict[str, int] | None = None,
+        secrets: dict[str, dict[str, str]] | None = None,
+        /,
+        **env_overrides: str,
+    ) -> None:
+        """`services`: "NAME:PORT" of a Service to its stand-in's local port; `secrets`: Secrets already there."""
         self.docs = docs
         self.root = root
+        self.services = services or {}
+        self.secrets = secrets or {}
         spec = docs["Deployment"]["spec"]["template"]["spec"]
         self.grace = spec["terminationGracePeriodSeconds"]
         container = spec["containers"][0]
         self.container = container
         image = dockerfile()
         self._mount(spec, container)
+        ports = {port["name"]: port["containerPort"] for port in container["ports"]}
         self.port = free_port()
         env = {"PATH": os.environ["PATH"], "HOME": str(self.host_path(image["workdir"]))}
         env.update(image["env"])
-        env.update({item["name"]: item["value"] for item in container["env"]})
+        env.update({item["name"]: self._env_value(item) for item in container["env"]})
         env = {key: self._map(value) for key, value in env.items()}
-        # The one deviation: a free port instead of containerPort 8080.
-        env.update({"OW_PORT": str(self.port), "OW_HOST": "127.0.0.1", **env_overrides})
+        # The one deviation: free ports instead of the containerPorts, which
+        # must be where the runtime listens (OW_PORT and OW_API_PORT default to 8080 and 8081).
+        assert ports["http"] == int(env.get("OW_PORT", 8080))
+        env.update({"OW_PORT": str(self.port), "OW_HOST": "127.0.0.1"})
+        self.api_port = 0
+        if "api" in ports:
+            assert ports["api"] == int(env.get("OW_API_PORT", 8081)) and "OW_API_TOKEN" in env
+            self.api_port = free_port()
+            env["OW_API_PORT"] = str(self.api_port)
+        env.update(env_overrides)
         self.env = env
         command = [ACTIONLOOP if image["entrypoint"] == ["actionloop"] else image["entrypoint"][0]]
         self.log = open(root / "pod.log", "wb")  # noqa: SIM115 - closed in stop()
@@ -100,7 +130,19 @@ class Pod:
     def host_path(self, container_path: str) -> Path:
         return self.root / "fs" / container_path.lstrip("/")
 
+    def _env_value(self, item: dict[str, Any]) -> str:
+        """An env entry's value, as the kubelet resolves it (a missing Secret fails the pod)."""
+        if "value" in item:
+            return str(item["value"])
+        ref = item["valueFrom"]["secretKeyRef"]
+        secret = self.docs.get("Secret", {})
+        if secret.get("metadata", {}).get("name") == ref["name"]:
+            return base64.b64decode(secret["data"][ref["key"]]).decode()
+        return self.secrets[ref["name"]][ref["key"]]
+
     def _map(self, value: str) -> str:
+        for service, port in self.services.items():
+            value = value.replace(f"//{service}/", f"//127.0.0.1:{port}/")
         for mount in self.container["volumeMounts"]:
             if value.startswith(mount["mountPath"] + "/"):
                 return str(self.host_path(mount["mountPath"])) + value[len(mount["mountPath"]) :]
@@ -130,15 +172,39 @@ class Pod:
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
 
+    def api(self, method: str, path: str, token: str | None, body: Any = None) -> tuple[int, Any]:
+        """One request to the management API on the stand-in of containerPort `api`."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", data=data, method=method)
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def accepts(self, port_name: str) -> bool:
+        """Whether the stand-in of a named containerPort takes a TCP connection (a tcpSocket probe)."""
+        port = {"http": self.port, "api": self.api_port}[port_name]
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
     def wait_ready(self, timeout: float = 20.0) -> Pod:
-        """Poll the readiness probe's path, as the kubelet does."""
+        """Poll the startup probe's port, if any, then the readiness probe's path, as the kubelet does."""
+        startup = self.container.get("startupProbe", {}).get("tcpSocket")
+        started = startup is None
         probe = self.container["readinessProbe"]["httpGet"]["path"]
         deadline = time.monotonic() + timeout * TIME_FACTOR
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"pod exited {self.process.returncode}: {self.logs()}")
+            started = started or self.accepts(startup["port"])
             try:
-                if self.get(probe)[0] == 200:
+                if started and self.get(probe)[0] == 200:
                     return self
             except OSError:
                 pass
@@ -158,6 +224,55 @@ class Pod:
                 self.process.wait()
         self.log.close()
         return self.process.returncode
+
+
+class Redis:
+    """The bundled Redis Deployment's container, played by the local redis-server."""
+
+    def __init__(self, deployment: dict[str, Any], root: Path) -> None:
+        spec = deployment["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        binary = need(container["command"][0])
+        (mount,) = container["volumeMounts"]
+        data = root / "fs" / mount["mountPath"].lstrip("/")
+        data.mkdir(parents=True)
+        self.port = free_port()
+        # The deviations: a free port, and loopback only.
+        args = [binary, *container["args"], "--port", str(self.port), "--bind", "127.0.0.1"]
+        self.log = open(root / "redis.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            args, cwd=data, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.root = root
+        self._wait()
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def _wait(self) -> None:
+        deadline = time.monotonic() + 10 * TIME_FACTOR
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"redis-server exited: {(self.root / 'redis.log').read_text()}")
+            if self.ping():
+                return
+            time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10 * TIME_FACTOR)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
 
 
 NGINX_CONF = """
@@ -233,4 +348,4 @@ def validate(doc: dict[str, Any]) -> None:
     kubernetes_validate.validate(doc, "1.33", strict=True)
 
 
-__all__ = ["Nginx", "Pod", "generate", "kube", "need", "validate"]
+__all__ = ["Nginx", "Pod", "Redis", "generate", "kube", "need", "validate"]
