@@ -115,6 +115,12 @@ def kube_parser() -> argparse.ArgumentParser:
     parser.add_argument("--namespace", default="", help="namespace to create and use")
     parser.add_argument("--main", default="main", help="entry point (default main)")
     parser.add_argument("--ingress-class", default="nginx", help="ingressClassName (default nginx)")
+    parser.add_argument(
+        "--tls-secret",
+        metavar="SECRET",
+        default="",
+        help="TLS at the Ingress for --host, with this kubernetes.io/tls Secret (wss://, https://)",
+    )
     parser.add_argument("--demo", action="store_true", help="also serve the demo page at /")
     push = parser.add_argument_group("push, channels and events (README: Push, channels and events)")
     push.add_argument(
@@ -159,6 +165,10 @@ def redis_url(text: str) -> str:
 def print_manifests(args: argparse.Namespace) -> int:
     from . import kube  # PyYAML is needed only here: keep it out of start-up
 
+    if args.tls_secret and not args.host:
+        log("actionloop kube: --tls-secret needs --host: a certificate is for a host name")
+        return 2
+
     spec = kube.KubeSpec(
         name=args.name,
         filename=args.file.name,
@@ -170,6 +180,7 @@ def print_manifests(args: argparse.Namespace) -> int:
         main=args.main,
         demo=args.demo,
         ingress_class=args.ingress_class,
+        tls_secret=args.tls_secret,
         api=args.api,
         api_token_secret=args.api_token_secret,
         redis_url=args.redis or "",

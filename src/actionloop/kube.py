@@ -65,6 +65,7 @@ class KubeSpec:
     main: str = "main"
     demo: bool = False
     ingress_class: str = "nginx"
+    tls_secret: str = ""  # a kubernetes.io/tls Secret for the Ingress's host
     api: bool = False
     api_token: str = ""  # for a new Secret NAME-api; manifests() draws one if empty
     api_token_secret: str = ""  # an existing Secret instead, with the key API_TOKEN_KEY
@@ -241,12 +242,10 @@ def ingress(spec: KubeSpec) -> dict[str, Any]:
     rule: dict[str, Any] = {"http": {"paths": [{"path": path, "pathType": "Prefix", "backend": backend}]}}
     if spec.host:
         rule = {"host": spec.host, **rule}
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "Ingress",
-        "metadata": meta,
-        "spec": {"ingressClassName": spec.ingress_class, "rules": [rule]},
-    }
+    body: dict[str, Any] = {"ingressClassName": spec.ingress_class, "rules": [rule]}
+    if spec.tls_secret:  # wss:// and https:// at the ingress; the pods speak plain HTTP behind it
+        body["tls"] = [{"hosts": [spec.host], "secretName": spec.tls_secret}]
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": meta, "spec": body}
 
 
 def secret(spec: KubeSpec) -> dict[str, Any]:
