@@ -438,3 +438,21 @@ def test_existing_secret_gives_the_token(cluster: Any) -> None:
     (pod,) = cluster(docs, mine={"token": "from-the-cluster"})
     assert pod.api("POST", "/broadcast", "from-the-cluster", {"hi": 1}) == (200, {"broadcast": True})
     assert pod.api("POST", "/broadcast", "other", {"hi": 1})[0] == 403
+
+
+def test_ingress_tls(tmp_path: Path) -> None:
+    """--tls-secret puts TLS for --host on the Ingress (valid against the schemas); without --host it is refused."""
+    docs = generate(
+        EXAMPLES / "hello.py", "--name", "hello", "--host", "hello.example.com", "--tls-secret", "hello-tls"
+    )
+    validate(docs["Ingress"])
+    assert docs["Ingress"]["spec"]["tls"] == [{"hosts": ["hello.example.com"], "secretName": "hello-tls"}]
+    assert "tls" not in generate(EXAMPLES / "hello.py", "--name", "hello")["Ingress"]["spec"]
+    done = subprocess.run(
+        [ACTIONLOOP, "kube", str(EXAMPLES / "hello.py"), "--name", "h", "--tls-secret", "s"],
+        capture_output=True,
+        timeout=30,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2 and b"--tls-secret needs --host" in done.stderr
