@@ -74,6 +74,7 @@ def _nothing() -> None:
 # The pids of the action processes now running (see sweep_orphans).
 _running: set[int] = set()
 PR_SET_CHILD_SUBREAPER = 36
+SWEEP_DELAY = 0.2
 
 
 def adopt_orphans() -> None:
@@ -118,6 +119,21 @@ def _kill(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+_sweep: list[asyncio.TimerHandle] = []  # the sweep due, if one is
+
+
+def sweep_soon(loop: asyncio.AbstractEventLoop) -> None:
+    """A sweep shortly: processes ending together (connections closing in
+    `connection` mode) share one scan of /proc instead of one each."""
+    if not _sweep:
+        _sweep.append(loop.call_later(SWEEP_DELAY, _swept))
+
+
+def _swept() -> None:
+    _sweep.clear()
+    sweep_orphans()
 
 
 def sweep_orphans() -> None:
@@ -284,7 +300,7 @@ class ActionProcess:
             assert self._child is not None and self._exited is not None
             self.returncode = self._child.wait()
             _running.discard(self._child.pid)
-            sweep_orphans()  # what it left behind outside its process group
+            sweep_soon(loop)  # what it left behind outside its process group
             if self.state is not State.STOPPED:
                 self._become(State.DEAD)
             self._exited.set_result(None)
