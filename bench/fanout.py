@@ -209,7 +209,7 @@ def start_actionloop(where: Placement, folder: Path) -> Side:
     action = folder / "subscribe_action.py"
     action.write_text(ACTION)
     actionloop = str(Path(sys.executable).parent / "actionloop")
-    replicas, urls, api_ports = [], [], []
+    replicas, urls, ports, api_ports = [], [], [], []
     for index in range(2):
         port, api_port = free_port(), free_port()
         env = {"OW_WEBSOCKET": "/ws", "OW_AUTOINIT": str(action), "OW_PORT": str(port), "OW_HOST": "127.0.0.1"}
@@ -222,11 +222,12 @@ def start_actionloop(where: Placement, folder: Path) -> Side:
         env |= {"OW_ACTION_DIR": str(folder / f"action{index + 1}")}
         replicas.append(spawn(f"replica{index + 1}", [actionloop], clean_env(env), where.replicas[index], folder))
         urls.append(f"ws://127.0.0.1:{port}/ws")
+        ports.append(port)
         api_ports.append(api_port)
-    for process, url, api_port in zip(replicas, urls, api_ports, strict=True):
-        wait_port(int(url.split(":")[2].split("/")[0]), process)
+    for process, port, api_port in zip(replicas, ports, api_ports, strict=True):
+        wait_port(port, process)
         wait_port(api_port, process)
-        wait_redis_up(int(url.split(":")[2].split("/")[0]))
+        wait_redis_up(port)
     from importlib.metadata import version
 
     versions = f"actionloop {version('actionloop')}, picows {version('picows')}, redis-py {version('redis')}"
@@ -492,11 +493,15 @@ async def publish_on_schedule(
     async def one(session: aiohttp.ClientSession, seq: int) -> None:
         sent = time.monotonic()
         lags.append(sent - (t0 + seq * interval))
-        async with session.post(url, data=b'{"seq": %d, "t": %.6f}' % (seq, sent), headers=headers) as response:
-            body = await response.read()
+        try:
+            async with session.post(url, data=b'{"seq": %d, "t": %.6f}' % (seq, sent), headers=headers) as response:
+                body = await response.read()
+        except (aiohttp.ClientError, OSError) as exc:  # its messages will be missing: the report says so
+            errors.append(f"publish {seq}: {exc!r}")
+            return
         round_trips.append(time.monotonic() - sent)
         if response.status != 200:
-            errors.append(f"{response.status} {body[:200]!r}")
+            errors.append(f"publish {seq}: {response.status} {body[:200]!r}")
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         sending = []
@@ -563,10 +568,12 @@ def start_clients(
     return workers, failed, time.monotonic() - started
 
 
-def collect(queue: Any, workers: list[multiprocessing.Process], stop: Any, deadline: float) -> tuple[Any, list[Any]]:
+def collect(
+    queue: Any, workers: list[multiprocessing.Process], publishing: multiprocessing.Process, stop: Any, deadline: float
+) -> tuple[Any, list[Any]]:
     """Wait for the publisher and for every client to hear every measured publish (or the deadline); then stop."""
     published, complete = None, set()
-    while published is None or len(complete) < len(workers):
+    while (published is None and publishing.exitcode is None) or len(complete) < len(workers):
         try:
             kind, pid, value = queue.get(timeout=max(0.1, deadline - time.monotonic()))
         except queues.Empty:  # what is missing by now counts as never delivered
@@ -578,6 +585,8 @@ def collect(queue: Any, workers: list[multiprocessing.Process], stop: Any, deadl
     stop.set()
     results = []
     while len(results) < len(workers) or published is None:
+        if published is None and publishing.exitcode not in (None, 0):
+            raise RuntimeError(f"the publisher failed (exit code {publishing.exitcode})")
         kind, pid, value = queue.get(timeout=120)
         if kind == "result":
             results.append(value)
@@ -608,7 +617,8 @@ def measure(side: Side, args: argparse.Namespace) -> dict[str, Any]:
     before, load = Snapshot.take(roots, clients), os.getloadavg()[0]
     time.sleep(max(0.0, t0 + (end - 0.5) * interval - time.monotonic()))
     after = Snapshot.take(roots, clients)
-    published, results = collect(queue, workers, stop, t0 + total * interval + args.drain)
+    published, results = collect(queue, workers, publishing, stop, t0 + total * interval + args.drain)
+    load = (load, os.getloadavg()[0])
     publishing.join(30)
     row = figures(side, args, (first, end), published, results)
     window = measured * interval
@@ -742,11 +752,15 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             "publish request round trip p50, ms; the publisher's own lag p99 / max, ms",
             lambda r: f"{fmt(r['publish_rtt_ms'], 1)}; " + " / ".join(fmt(x, 1) for x in r["publish_lag_ms"]),
         ),
+        line("failed publish requests", lambda r: f"{len(r['publish_errors']):,}"),
         line("connect + subscribe, s", lambda r: fmt(r["setup_s"], 1)),
         line(
             "busy CPU 0 / CPU 1 in the window (everything)", lambda r: " / ".join(f"{x:.0%}" for x in r["cores_busy"])
         ),
-        line("load average (1 min) at the window's start", lambda r: f"{r['load']:.2f}"),
+        line(
+            "load average (1 min) at the window's start / after the drain",
+            lambda r: "{:.2f} / {:.2f}".format(*r["load"]),
+        ),
     ]
     return "\n".join(lines)
 
@@ -764,10 +778,9 @@ def verdicts(rows: list[dict[str, Any]]) -> str:
         # A missing message is infinitely late, so p99 says when more than 1% never came.
         ok = math.isfinite(ours[key]) and ours[key] <= peer[key]
         ratio = ours[key] / peer[key] if math.isfinite(peer[key]) and peer[key] else math.nan
-        lines.append(
-            f"| {label} no worse than Socket.IO's | {fmt(ours[key], 2)}{unit} ({fmt(ratio, 2)}x) | "
-            f"{fmt(peer[key], 2)}{unit} | {'met' if ok else 'missed'} |"
-        )
+        mine, theirs = (fmt(x, 2) + ("" if math.isinf(x) else unit) for x in (ours[key], peer[key]))
+        mine += "" if math.isnan(ratio) else f" ({ratio:.2f}x)"
+        lines.append(f"| {label} no worse than Socket.IO's | {mine} | {theirs} | {'met' if ok else 'missed'} |")
     return "\n".join(lines)
 
 

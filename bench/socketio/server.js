@@ -62,7 +62,9 @@ async function main() {
     });
   });
   server.listen(Number(port), "127.0.0.1");
-  api(io).listen(Number(apiPort), "127.0.0.1");
+  const endpoint = api(io);
+  endpoint.keepAliveTimeout = 75000; // as aiohttp's, which serves actionloop's API (Node's default: 5 s)
+  endpoint.listen(Number(apiPort), "127.0.0.1");
 }
 
 main().catch((error) => {
