@@ -16,7 +16,7 @@ from aiohttp import web
 
 from . import protocol
 from .config import Config
-from .errors import Unavailable
+from .errors import ActionLoopError
 from .hub import Hub
 
 HUB = web.AppKey("hub", Hub)
@@ -51,7 +51,7 @@ def bearer(token: str) -> Middleware:
             return answer(protocol.error("The token is not valid."), 403)
         try:
             return await handler(request)
-        except Unavailable as exc:
+        except ActionLoopError as exc:  # Unavailable (503), a refused request (400)
             return answer(protocol.error(exc.message), exc.status)
         except web.HTTPException as exc:  # 404, 405...: JSON too
             return answer(protocol.error(exc.reason), exc.status)

@@ -17,7 +17,7 @@ import secrets
 import socket
 from typing import Any, Protocol
 
-from .errors import Unavailable
+from .errors import RequestError, Unavailable
 
 # Channels one connection may be in: each costs memory on every write of its record.
 MAX_CHANNELS = 1000
@@ -124,7 +124,7 @@ class Hub:
             member.end(CLOSED_BY_API)
         elif op == "subscribe":
             if len(member.channels) >= MAX_CHANNELS and operation["channel"] not in member.channels:
-                raise Unavailable(f"A connection is in {MAX_CHANNELS} channels at most.")
+                raise RequestError(f"A connection is in {MAX_CHANNELS} channels at most.")
             member.channels.add(operation["channel"])
             self.channels.setdefault(operation["channel"], set()).add(member)
             self._changed(member)
