@@ -486,3 +486,14 @@ def test_api_errors_are_json_and_channel_names_are_checked(start_server: Any, tm
         assert api.call("PUT", f"/connections/{me}/channels/a%0Db")[0] == 400
         assert api.call("POST", "/channels/a%00b", {})[0] == 400
         assert api.call("PUT", f"/connections/{me}/channels/{'c' * 256}")[0] == 200
+
+
+def test_channels_per_connection_are_capped(start_server: Any, tmp_path: Path) -> None:
+    """A connection joins 1,000 channels at most; the next subscribe is a 400 that says so."""
+    server, api = pushing(start_server, tmp_path)
+    with client(server) as (_, me):
+        for n in range(1000):
+            assert api.call("PUT", f"/connections/{me}/channels/c{n}")[0] == 200
+        status, body = api.call("PUT", f"/connections/{me}/channels/one-more")
+        assert status == 400 and "1000 channels" in body["error"], body
+        assert api.call("PUT", f"/connections/{me}/channels/c0")[0] == 200  # already in it: fine
