@@ -54,3 +54,25 @@ def test_readme_lists_every_setting() -> None:
         assert f"`{setting.env}`" in readme, setting.env
         if setting.field != "debug":
             assert f"`--{setting.field.replace('_', '-')}" in readme, setting.field
+
+
+@pytest.mark.parametrize(
+    ("autoinit", "sha256", "ok"),
+    [
+        ("https://example.com/a.zip", "A" * 64, True),
+        ("http://127.0.0.1:9/a.zip", "0" * 64, True),
+        ("/code/a.zip", "0" * 64, True),
+        ("/code/a.zip", "", True),
+        ("https://example.com/a.zip", "", False),
+        ("https://example.com/a.zip", "0" * 63, False),
+        ("file:///code/a.zip", "0" * 64, False),
+    ],
+)
+def test_autoinit_url_needs_a_sha256(autoinit: str, sha256: str, ok: bool) -> None:
+    """A URL is a setting only with a well-formed OW_AUTOINIT_SHA256; other schemes never."""
+    env = {"OW_AUTOINIT": autoinit, "OW_AUTOINIT_SHA256": sha256}
+    if ok:
+        assert from_env(env).autoinit == autoinit
+    else:
+        with pytest.raises(ValueError, match="OW_AUTOINIT"):
+            from_env(env)

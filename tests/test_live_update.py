@@ -21,6 +21,7 @@ import pytest
 from conftest import IMAGE_ENV, TIME_FACTOR, ask
 from websockets.sync.client import connect
 
+from actionloop.config import Config
 from actionloop.errors import StartError
 from actionloop.metrics import Metrics
 from actionloop.watch import Stamp, Watcher, one_line, stamp
@@ -183,9 +184,10 @@ def test_stamp_moves_with_the_kubelet_swap(tmp_path: Path) -> None:
 
 
 class FakeRuntime:
-    """What the watcher needs of a Runtime: `update` and `metrics`."""
+    """What the watcher needs of a Runtime: `update`, `metrics` and `config`."""
 
     def __init__(self) -> None:
+        self.config = Config()
         self.metrics = Metrics()
         self.updates: list[bytes] = []
         self.fail = False

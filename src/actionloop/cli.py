@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__, archive
+from . import __version__, archive, source
 from .config import Config, add_flags, flag_values, from_env
 from .errors import ActionLoopError
 from .listener import Endpoints, listen
@@ -240,6 +240,8 @@ def serve_file(args: argparse.Namespace) -> int:
 
 def named_source(config: Config, folder: Path) -> str:
     """For a plain Python source, a NAMED_SOURCE for it in `folder`; else ""."""
+    if config.autoinit_sha256 or source.is_url(config.autoinit):
+        return ""  # the bytes checked and loaded must be the file's own
     try:
         code = Path(config.autoinit).read_bytes()
     except OSError:
@@ -323,7 +325,7 @@ async def serve_runtime(runtime: Runtime, announce: bool, read_from: str) -> int
         watcher = Watcher(runtime, config.autoinit, config.autoinit_main, config.autoinit_poll, wrap)
         watcher.baseline()
         try:
-            await runtime.autoinit(read_from or config.autoinit, config.autoinit_main)
+            await runtime.autoinit(read_from or config.autoinit, config.autoinit_main, config.autoinit_sha256)
         except ActionLoopError as exc:
             # Loud, so Kubernetes shows a failing pod (SPEC.md part C).
             log(f"actionloop: auto-init from {config.autoinit} failed: {exc.message}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,8 @@ SETTINGS = (
     Setting("action_dir", "OW_ACTION_DIR", "folder of the numbered action folders"),
     Setting("websocket", "OW_WEBSOCKET", "path of the WebSocket endpoint; empty: none"),
     Setting("origins", "OW_WEBSOCKET_ORIGIN", "allowed Origin hosts or origins, comma-separated"),
-    Setting("autoinit", "OW_AUTOINIT", "file to initialise the action from at start-up"),
+    Setting("autoinit", "OW_AUTOINIT", "file or https:// URL to initialise the action from at start-up"),
+    Setting("autoinit_sha256", "OW_AUTOINIT_SHA256", "sha256 the auto-init code must have; required for a URL"),
     Setting("autoinit_main", "OW_AUTOINIT_MAIN", "entry point of the auto-init action"),
     Setting(
         "autoinit_poll", "OW_AUTOINIT_POLL", "seconds between checks of the auto-init file for a new version; 0: none"
@@ -80,6 +82,7 @@ class Config:
     origins: tuple[str, ...] = ()
     autoinit: str = ""
     autoinit_main: str = "main"
+    autoinit_sha256: str = ""
     # Live update (README): a stat every 2 s costs nothing beside the
     # kubelet's own delay of up to a minute in putting a ConfigMap in place.
     autoinit_poll: float = 2.0
@@ -125,6 +128,18 @@ class Config:
     def __post_init__(self) -> None:
         if self.mode not in ("shared", "pool", "connection"):
             raise ValueError(f"process mode {self.mode!r} is not one of shared, pool, connection")
+        self._check_autoinit()
+
+    def _check_autoinit(self) -> None:
+        """Code from a URL runs only if it is the code expected (source.py)."""
+        if "://" in self.autoinit and not self.autoinit.startswith(("https://", "http://")):
+            raise ValueError(f"OW_AUTOINIT={self.autoinit!r}: a file path, or an https:// or http:// URL")
+        if self.autoinit_sha256 and not re.fullmatch(r"[0-9a-fA-F]{64}", self.autoinit_sha256):
+            raise ValueError(f"OW_AUTOINIT_SHA256={self.autoinit_sha256!r}: not a sha256 (64 hex digits)")
+        if self.autoinit.startswith(("https://", "http://")) and not self.autoinit_sha256:
+            raise ValueError(
+                "OW_AUTOINIT is a URL: set OW_AUTOINIT_SHA256 to the sha256 of its content (sha256sum FILE)"
+            )
 
     @property
     def processes(self) -> int:

@@ -10,6 +10,7 @@ ActionLoopError                 root: the message, the status, the metric kind
 │   └── TooSlow                 a body that stalled (408)
 ├── NoAction                    nothing initialised yet (500)
 ├── Unavailable                 no room now: try again later (503)
+├── SourceError                 the auto-init code could not be had, or is not the expected code (502)
 ├── PrepareError                the action's code could not become a program (502)
 ├── StartError                  the action process did not start or get ready (502)
 └── ActionError                 a started action broke during an activation (502)
@@ -79,6 +80,13 @@ class Unavailable(ActionLoopError):
 
     status = 503
     kind = "unavailable"
+
+
+class SourceError(ActionLoopError):
+    """The auto-init file or URL could not be read, or its sha256 is not OW_AUTOINIT_SHA256."""
+
+    status = 502
+    kind = "source_failed"
 
 
 class PrepareError(ActionLoopError):

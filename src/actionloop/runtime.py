@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import __version__, archive, protocol
+from . import __version__, archive, protocol, source
 from .config import Config
 from .errors import ActionLoopError, Forbidden, NoAction, PrepareError, RequestError, StartError, Unavailable
 from .hub import Hub
@@ -315,14 +315,9 @@ class Runtime:
         if own and self.own_processes >= self.config.max_processes:
             raise Unavailable("Too many connections with their own action process; try again later.")
 
-    async def autoinit(self, path: str, main: str) -> None:
-        """Initialise from a file as if it came to /init (SPEC.md part B)."""
-        try:
-            code = Path(path).read_bytes()
-        except OSError as exc:
-            raise StartError(f"cannot read {path}: {exc.strerror}") from exc
-        if not code.strip():
-            raise RequestError(f"{path} is empty")
+    async def autoinit(self, location: str, main: str, sha256: str = "") -> None:
+        """Initialise from a file or URL as if it came to /init (SPEC.md part B)."""
+        code = await source.read(location, sha256, self.config.max_archive)
         # Binary lets unpack tell zip, tar.gz, executable and source apart.
         await self.init(InitRequest(code, binary=True, main=main))
 

@@ -11,6 +11,9 @@ no dependency, and a stat every 2 s is nothing beside the kubelet's own delay.
 
 SIGHUP checks at once and switches even to unchanged bytes: the deliberate
 way to retry a version that failed to start, or to restart the action.
+
+A URL is not polled: OW_AUTOINIT_SHA256 pins its content, so a new version
+is a new setting, hence a rollout. SIGHUP fetches it again.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import source
 from .errors import ActionLoopError, StartError
 from .runtime import Runtime, log
 
@@ -57,8 +61,8 @@ def one_line(text: str) -> str:
 
 
 class Watcher:
-    """Polls the auto-init file every `poll` seconds (0: only on SIGHUP) and
-    hands each new version to `Runtime.update`, one at a time."""
+    """Polls the auto-init file every `poll` seconds (0, or a URL: only on
+    SIGHUP) and hands each new version to `Runtime.update`, one at a time."""
 
     def __init__(
         self, runtime: Runtime, path: str, main: str, poll: float, wrap: Callable[[bytes], bytes] | None = None
@@ -66,7 +70,8 @@ class Watcher:
         self.runtime = runtime
         self.path = path
         self.main = main
-        self.poll = poll if poll > 0 else None
+        self.poll = poll if poll > 0 and not source.is_url(path) else None
+        self.sha256 = runtime.config.autoinit_sha256
         self._wrap = wrap  # `serve FILE`: the code as the action's __main__ (tracebacks name FILE)
         self._seen: Stamp | None = None
         self._tried = ""  # sha256 of the last version loaded or tried
@@ -80,6 +85,8 @@ class Watcher:
         """Before auto-init: what it is about to load (a change during start-up
         is then seen by the first poll), and SIGHUP handled from now on."""
         self._seen = stamp(self.path)
+        if source.is_url(self.path):
+            self._tried = self.sha256.lower()  # the only version it can load
         with contextlib.suppress(OSError):
             self._tried = hashlib.sha256(Path(self.path).read_bytes()).hexdigest()
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
@@ -129,17 +136,14 @@ class Watcher:
             return
         self._seen = now
         try:
-            code = await asyncio.to_thread(Path(self.path).read_bytes)
-        except OSError as exc:
-            self._failed(f"cannot read {self.path}: {exc.strerror}")
+            code = await source.read(self.path, self.sha256, self.runtime.config.max_archive)
+        except ActionLoopError as exc:
+            self._failed(exc.message)
             return
         digest = hashlib.sha256(code).hexdigest()
         if digest == self._tried and not force:
             return  # the same bytes under a new stamp (a touch, a rewrite)
         self._tried = digest
-        if not code.strip():
-            self._failed(f"{self.path} is empty")
-            return
         try:
             await self.runtime.update(self._wrap(code) if self._wrap else code, self.main)
         except StartError as exc:
