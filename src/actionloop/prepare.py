@@ -4,7 +4,9 @@ Three kinds of action (SPEC.md part A, POST /init):
 - an executable `exec` (ELF or `#!`): a generic ActionLoop program, run as-is;
 - with `OW_COMPILER` set: `compiler MAIN SRC BIN` must produce `BIN/exec`;
 - otherwise Python: `__main__.py` (a lone source arrives as `exec`), run by
-  our launcher, which acknowledges on fd 3 once the module is imported.
+  our launcher, which acknowledges on fd 3 once the module is imported. A
+  `requirements.txt` beside it is installed into a new `virtualenv/` first,
+  as the official OpenWhisk Python image's compile step does.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ ACK_MARKER = "exec.ack"
 # Present in a folder whose `exec` is our launcher, which tags its results (core.py).
 TAG_MARKER = "exec.tagged"
 EXEC_ENV = "exec.env"
+VIRTUALENV = "virtualenv"
+REQUIREMENTS = "requirements.txt"
+# How much of pip's output a failure reports: it says what went wrong last.
+OUTPUT_LINES = 20
 
 STUB = """#!{python}
 # Written by actionloop: runs the entry point of __main__.py in the
@@ -74,8 +80,10 @@ def _prepare_python(src: Path, dest: Path, main: str) -> None:
     if not entry.is_file():
         # The OpenWhisk suite looks for "Zip file does not include".
         raise PrepareError("Zip file does not include __main__.py")
-    _check_virtualenv(src / "virtualenv")
+    _check_virtualenv(src / VIRTUALENV)
     src.rename(dest)
+    # In its final folder, so the paths compiled into its bytecode are right.
+    build_virtualenv(dest)
     (dest / LAUNCHER).write_bytes(Path(__file__).with_name("launcher.py").read_bytes())
     if not (dest / API_CLIENT).exists():  # the action's own file of that name wins
         (dest / API_CLIENT).write_bytes(Path(__file__).with_name("api_client.py").read_bytes())
@@ -112,6 +120,57 @@ def _check_virtualenv(venv: Path) -> None:
     if (venv / "bin").is_dir() and any(venv.glob("lib/python3*/site-packages")):
         return
     raise PrepareError("Invalid virtualenv. Zip file does not include /virtualenv/bin/activate_this.py")
+
+
+def build_virtualenv(folder: Path) -> None:
+    """Install `requirements.txt` into a new `virtualenv/`, if there is one.
+
+    As the official image's compile step: an action that ships its own
+    `virtualenv/` keeps it, and its requirements.txt is not read.
+    """
+    venv = folder / VIRTUALENV
+    if not (folder / REQUIREMENTS).is_file() or venv.exists():
+        return
+    # The runtime's own Python: the launcher runs the action with it, so the
+    # packages must be built for this very interpreter.
+    _build_step([sys.executable, "-m", "venv", str(venv)], folder, f"cannot create {VIRTUALENV}/: venv")
+    # pip reads its settings (PIP_INDEX_URL, PIP_FIND_LINKS, PIP_NO_INDEX...)
+    # from the environment we pass on whole; it runs in the action's folder,
+    # so paths in requirements.txt are the action's own.
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-input", "--disable-pip-version-check"]
+    _build_step([*pip, "-r", REQUIREMENTS], folder, f"cannot install {REQUIREMENTS}: pip")
+    _drop_links(venv)
+
+
+def _build_step(command: list[str], folder: Path, failure: str) -> None:
+    """Run one step; if it fails, a PrepareError: `failure` and the exit
+    status on the first line, then the end of the step's output."""
+    try:
+        done = subprocess.run(
+            command,
+            cwd=folder,
+            stdin=subprocess.DEVNULL,  # nothing may wait for a user who is not there
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
+    except OSError as exc:
+        raise PrepareError(f"{failure} did not run: {exc}") from exc
+    if done.returncode != 0:
+        output = done.stdout.decode(errors="replace").strip().splitlines()[-OUTPUT_LINES:]
+        raise PrepareError("\n".join([f"{failure} exited with status {done.returncode}", *output]))
+
+
+def _drop_links(venv: Path) -> None:
+    """Remove the venv's links (`bin/python*` to this machine's interpreter, `lib64`).
+
+    The launcher never uses them: it runs the action with the runtime's Python
+    and adds the venv's site-packages. Kept, `-compile` would pack each as a
+    copy of the interpreter, and an unpack refuses links (archive.py).
+    """
+    for path in list(venv.rglob("*")):
+        if path.is_symlink():
+            path.unlink()
 
 
 def discard(folder: Path) -> None:
