@@ -291,3 +291,40 @@ def test_redis_stall_then_back(start_server: Any, tmp_path: Path, redis: Redis) 
         assert two.call("POST", f"/connections/{me}", {"to": "one"}) == (200, {"sent": True})
         assert one.call("POST", f"/connections/{them}", {"to": "two"}) == (200, {"sent": True})
         assert receive(mine) == {"to": "one"} and receive(theirs) == {"to": "two"}
+
+
+def test_channel_cap_through_another_replica(start_server: Any, tmp_path: Path, redis: Redis) -> None:
+    """Through another replica too, a connection's 1,001st channel is a 400 (once its record shows 1,000)."""
+    _, one = replica(start_server, tmp_path, redis, "replica1")
+    two_server, two = replica(start_server, tmp_path, redis, "replica2")
+    with client(two_server) as (_, them):
+        for n in range(1000):
+            assert one.call("PUT", f"/connections/{them}/channels/c{n}")[0] == 200
+        until(lambda: len(known(one, them)["channels"]) == 1000, "the record does not show 1,000 channels")
+        status, body = one.call("PUT", f"/connections/{them}/channels/one-more")
+        assert status == 400 and "1000 channels" in body["error"], body
+        assert one.call("PUT", f"/connections/{them}/channels/c0")[0] == 200  # already in it: fine
+        assert "one-more" not in two.call("GET", f"/connections/{them}")[1]["channels"]
+
+
+def redis_clients(redis: Redis) -> int:
+    listed = subprocess.run(
+        ["redis-cli", "-p", str(redis.port), "CLIENT", "LIST"], capture_output=True, check=True, timeout=TIMEOUT
+    )
+    return len(listed.stdout.splitlines()) - 1  # not redis-cli itself
+
+
+def test_a_burst_of_requests_shares_few_redis_connections(start_server: Any, tmp_path: Path, redis: Redis) -> None:
+    """200 API calls at once, each needing Redis, all succeed over at most 16 Redis connections."""
+    import concurrent.futures
+
+    _, one = replica(start_server, tmp_path, redis, "replica1")
+    two_server, _ = replica(start_server, tmp_path, redis, "replica2")
+    before = redis_clients(redis)
+    with client(two_server) as (ws, them), concurrent.futures.ThreadPoolExecutor(50) as threads:
+        known(one, them)
+        calls = [threads.submit(one.call, "POST", f"/connections/{them}", n) for n in range(100)]
+        calls += [threads.submit(one.call, "POST", "/channels/nobody", n) for n in range(100)]
+        assert all(call.result()[0] == 200 for call in calls), [call.result() for call in calls]
+        assert sorted(receive(ws) for _ in range(100)) == list(range(100))
+    assert redis_clients(redis) - before <= 16

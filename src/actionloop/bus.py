@@ -4,9 +4,12 @@ What Redis holds, all under one prefix:
 - `replica:NAME`, a key each replica sets every HEARTBEAT seconds with an
   expiry of REPLICA_TTL: a replica that died (SIGKILL, a lost node) has its
   connections read as gone within REPLICA_TTL seconds;
-- `conn:ID`, a hash per connection (its replica, when it connected, when it
-  was last active, its channels), written by the replica that holds it and
-  refreshed with the heartbeat;
+- `conns:NAME`, a hash per replica: for each of its connections, a JSON
+  record (when it connected, when it was last active, its channels). Only
+  what changed is written, many fields a command; the heartbeat renews the
+  whole hash's expiry in one command, whatever the number of connections.
+  A connection id names its replica (hub.new_id), so finding one is one
+  round trip: is the replica alive, and does its hash hold the id;
 - two kinds of pub/sub channel: `to:NAME` for what must happen to a
   connection of replica NAME (send, close, subscribe, unsubscribe), and
   `all`, which every replica hears, for channel publishes and broadcasts:
@@ -23,6 +26,7 @@ forgotten them).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import sys
 import time
@@ -34,13 +38,26 @@ from redis.typing import EncodableT, FieldT
 
 from . import protocol
 from .errors import Unavailable
+from .hub import replica_of
 
 if TYPE_CHECKING:
     from .hub import Hub, Member
 
 HEARTBEAT = 3.0
 REPLICA_TTL = 10
+# A replica's records outlive a stall of its heartbeat (then its connections
+# read as gone, and are found again when it beats), and go with a dead replica.
 CONNECTION_TTL = 120
+# Records of connections active since are written again this often, so
+# another replica's GET shows last_active_at at most this old.
+REFRESH = 30.0
+# Fields a command: a write of 10,000 records is many short commands, and the
+# event loop serves others between them.
+CHUNK = 500
+# Connections to Redis at most: a replica that falls behind waits for one
+# (POOL_WAIT seconds) rather than opening more, each slower than the last.
+POOL_SIZE = 16
+POOL_WAIT = 5.0
 RETRY_MAX = 5.0
 PREFIX = "actionloop:"
 LOGGER = logging.getLogger("actionloop.bus")
@@ -70,7 +87,16 @@ class RedisBus:
     def __init__(self, url: str, hub: Hub) -> None:
         self.hub = hub
         self.replica = hub.replica
-        self.redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=10)
+        pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=POOL_SIZE,
+            timeout=POOL_WAIT,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+            health_check_interval=10,
+        )
+        self.redis = redis.Redis.from_pool(pool)
+        self.records = self.key("conns", self.replica)
         self.up = False
         self.listening = False  # subscribed to `all` and `to:NAME` now
         self._dirty: dict[str, Member | None] = {}  # connections to write (None: to delete)
@@ -90,8 +116,8 @@ class RedisBus:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
-            await self.redis.delete(self.key("replica", self.replica))
-        except RedisError:
+            await self.redis.delete(self.key("replica", self.replica), self.records)
+        except (RedisError, OSError):
             pass
         await self.redis.aclose()
 
@@ -143,21 +169,25 @@ class RedisBus:
         timed out on a stalled Redis, the listener's connection may never
         fail, so it would not (the bus would stay down, writing nothing).
         """
-        refreshed = time.monotonic()
+        refreshed = time.time()
         while True:
             await asyncio.sleep(HEARTBEAT)
             try:
                 await self._came_up()
-                if time.monotonic() - refreshed > CONNECTION_TTL / 4:
-                    refreshed = time.monotonic()
+                if time.time() - refreshed > REFRESH:
                     for member in self.hub.members.values():
-                        self._dirty.setdefault(member.id, member)
+                        if member.last_active_at >= refreshed:
+                            self._dirty.setdefault(member.id, member)
+                    refreshed = time.time()
                 self._flush_soon()
             except (RedisError, OSError) as exc:
                 self._went_down(exc)
 
     async def _alive(self) -> None:
-        await self.redis.set(self.key("replica", self.replica), b"1", ex=REPLICA_TTL)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.key("replica", self.replica), b"1", ex=REPLICA_TTL)
+        pipe.expire(self.records, CONNECTION_TTL)
+        await pipe.execute()
 
     # ------------------------------------------- connection records (writes)
 
@@ -180,64 +210,75 @@ class RedisBus:
         """Write the records that changed, many in one round trip."""
         try:
             while self._dirty and self.up:
-                batch, self._dirty = self._dirty, {}
+                batch = dict(itertools.islice(self._dirty.items(), CHUNK))
+                for connection in batch:
+                    del self._dirty[connection]
+                gone = [connection for connection, member in batch.items() if member is None]
+                records: dict[FieldT, EncodableT] = {
+                    connection: self._record(member) for connection, member in batch.items() if member
+                }
                 pipe = self.redis.pipeline(transaction=False)
-                for connection, member in batch.items():
-                    key = self.key("conn", connection)
-                    if member is None:
-                        pipe.delete(key)
-                    else:
-                        pipe.hset(key, mapping=self._record(member))
-                        pipe.expire(key, CONNECTION_TTL)
+                if records:
+                    pipe.hset(self.records, mapping=records)
+                    pipe.expire(self.records, CONNECTION_TTL)
+                if gone:
+                    pipe.hdel(self.records, *gone)
                 try:
                     await pipe.execute()
                 except (RedisError, OSError) as exc:
+                    # Written again from the next heartbeat on, which also says
+                    # whether Redis is down (not this: it may be this replica
+                    # that is slow).
                     for connection, member in batch.items():
                         self._dirty.setdefault(connection, member)
-                    self._went_down(exc)
+                    LOGGER.debug("connection records not written: %r", exc)
+                    return
         finally:
             self._flushing = None
 
-    def _record(self, member: Member) -> dict[FieldT, EncodableT]:
-        return {
-            "replica": self.replica,
-            "connected_at": str(round(member.connected_at, 3)),
-            "last_active_at": str(round(member.last_active_at, 3)),
-            "channels": protocol.dumps(sorted(member.channels)).decode(),
-        }
+    def _record(self, member: Member) -> bytes:
+        return protocol.dumps(
+            {
+                "connected_at": round(member.connected_at, 3),
+                "last_active_at": round(member.last_active_at, 3),
+                "channels": sorted(member.channels),
+            }
+        )
 
     # ----------------------------------------------------- the hub's calls
 
     async def _call(self, work: Any) -> Any:
+        """A request's call; a failure is a 503 for that request. Only the
+        heartbeat and the listener say Redis is down: a call may fail because
+        this replica is overloaded (no free connection, a late reply)."""
         try:
             return await work
         except (RedisError, OSError) as exc:
-            self._went_down(exc)
             raise Unavailable(f"Redis is unreachable, so other replicas cannot be reached: {exc}") from exc
+
+    async def _find(self, connection: str, command: str) -> tuple[str, Any] | None:
+        """The replica `connection` names and `command` (hexists, hget) on its
+        record, in one round trip; None if that replica is not alive."""
+        replica = replica_of(connection)
+        if replica is None:
+            return None
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(self.key("replica", replica))
+        getattr(pipe, command)(self.key("conns", replica), connection)
+        alive, found = await self._call(pipe.execute())
+        return (replica, found) if alive and found else None
 
     async def owner(self, connection: str) -> str | None:
         """The replica holding `connection`, if it is alive; None: gone."""
-        replica = await self._call(self.redis.hget(self.key("conn", connection), "replica"))
-        if replica is None:
-            return None
-        name = replica.decode()
-        alive = await self._call(self.redis.exists(self.key("replica", name)))
-        return name if alive else None
+        found = await self._find(connection, "hexists")
+        return None if found is None else found[0]
 
     async def describe(self, connection: str) -> dict[str, Any] | None:
-        record = await self._call(self.redis.hgetall(self.key("conn", connection)))
-        if not record:
+        found = await self._find(connection, "hget")
+        if found is None:
             return None
-        replica = record[b"replica"].decode()
-        if not await self._call(self.redis.exists(self.key("replica", replica))):
-            return None
-        return {
-            "id": connection,
-            "replica": replica,
-            "connected_at": float(record[b"connected_at"]),
-            "last_active_at": float(record[b"last_active_at"]),
-            "channels": protocol.loads(record[b"channels"]),
-        }
+        replica, record = found
+        return {"id": connection, "replica": replica, **protocol.loads(record)}
 
     async def forward(self, replica: str, operation: dict[str, Any]) -> bool:
         """Hand an operation to the replica holding its connection; False if nobody heard it."""

@@ -15,6 +15,7 @@ import itertools
 import os
 import secrets
 import socket
+from collections.abc import Collection
 from typing import Any, Protocol
 
 from .errors import RequestError, Unavailable
@@ -60,6 +61,15 @@ def replica_name() -> str:
     return f"{host}-{os.urandom(3).hex()}"
 
 
+def replica_of(connection: str) -> str | None:
+    """The replica a connection id names (Hub.new_id: REPLICA-N-HEX); None if none."""
+    rest, _, tail = connection.rpartition("-")
+    replica, _, number = rest.rpartition("-")
+    if not (replica and number.isdigit() and len(tail) == 6):
+        return None
+    return replica
+
+
 def describe(member: Member, replica: str) -> dict[str, Any]:
     return {
         "id": member.id,
@@ -68,6 +78,12 @@ def describe(member: Member, replica: str) -> dict[str, Any]:
         "last_active_at": round(member.last_active_at, 3),
         "channels": sorted(member.channels),
     }
+
+
+def check_room(channels: Collection[str], channel: str) -> None:
+    """RequestError if a connection in `channels` may not join `channel` too."""
+    if len(channels) >= MAX_CHANNELS and channel not in channels:
+        raise RequestError(f"A connection is in {MAX_CHANNELS} channels at most.")
 
 
 class Hub:
@@ -123,8 +139,7 @@ class Hub:
         elif op == "close":
             member.end(CLOSED_BY_API)
         elif op == "subscribe":
-            if len(member.channels) >= MAX_CHANNELS and operation["channel"] not in member.channels:
-                raise RequestError(f"A connection is in {MAX_CHANNELS} channels at most.")
+            check_room(member.channels, operation["channel"])
             member.channels.add(operation["channel"])
             self.channels.setdefault(operation["channel"], set()).add(member)
             self._changed(member)
@@ -146,6 +161,14 @@ class Hub:
             return self.local(operation)
         if self.bus is None:
             return False
+        if operation["op"] == "subscribe":
+            # The cap is checked here on the record (a moment old) so the API
+            # can answer 400; the owner checks it again and only logs a refusal.
+            record = await self.bus.describe(operation["id"])
+            if record is None:
+                return False
+            check_room(record["channels"], operation["channel"])
+            return await self.bus.forward(record["replica"], operation)
         replica = await self.bus.owner(operation["id"])
         if replica is None:
             return False
