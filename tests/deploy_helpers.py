@@ -2,10 +2,12 @@
 
 `Pod` reads deploy/Dockerfile and a generated Deployment and starts
 `actionloop` exactly as the container would: the image's entrypoint, its ENV
-and WORKDIR, the container's env, the ConfigMap's files at the mount path. The
-one change: container paths live under a temporary root, and the port is a
-free one (tests share the machine). Env from a Secret comes from the
-generated Secret, or from one given as already in the cluster; a Service's
+and WORKDIR and the files it COPYs (with the build arguments given), the
+container's env, the ConfigMap's files at the mount path. The one change:
+container paths live under a temporary root, and the port is a free one
+(tests share the machine). Env from a Secret comes from the generated Secret,
+or from one given as already in the cluster; a PersistentVolumeClaim, given
+as already in the cluster, is a folder linked at the mount path; a Service's
 DNS name in the env becomes the address of its local stand-in.
 
 `Redis` runs the local redis-server as the bundled Redis Deployment's
@@ -13,23 +15,29 @@ container says (its command and args, /data as the working folder).
 
 `Nginx` runs a private nginx configured from a generated Ingress: its path,
 the WebSocket upgrade headers and the timeouts of its annotations.
+
+`ApiServer` answers kubectl's discovery, so a real `kubectl apply
+--dry-run=client` shows the object it would send, annotation included.
 """
 
 from __future__ import annotations
 
 import base64
+import http.server
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import yaml
@@ -60,14 +68,49 @@ def generate(action: Path, *args: str) -> dict[str, dict[str, Any]]:
     return docs
 
 
-def dockerfile() -> dict[str, Any]:
-    """ENV, WORKDIR and ENTRYPOINT of deploy/Dockerfile."""
+VARIABLE = re.compile(r"\$\{(\w+)(?::([-+])([^}]*))?\}|\$(\w+)")
+
+
+def expand(text: str, variables: dict[str, str]) -> str:
+    """Dockerfile environment replacement: $VAR, ${VAR}, ${VAR:-word}, ${VAR:+word}."""
+
+    def one(match: re.Match[str]) -> str:
+        value = variables.get(match[1] or match[4], "")
+        if match[2] == "-":
+            return value or match[3]
+        if match[2] == "+":
+            return match[3] if value else ""
+        return value
+
+    return VARIABLE.sub(one, text)
+
+
+def dockerfile(build_args: dict[str, str] | None = None) -> dict[str, Any]:
+    """ENV, WORKDIR, ENTRYPOINT and the files COPYd to stay of deploy/Dockerfile, built with build_args.
+
+    "copies" are (sources, destination, mode) of each COPY after the last RUN:
+    those before it fed it, and the installed actionloop stands for that RUN.
+    """
     text = (ROOT / "deploy" / "Dockerfile").read_text().replace("\\\n", " ")
-    image: dict[str, Any] = {"env": {}, "workdir": "/", "entrypoint": []}
+    image: dict[str, Any] = {"env": {}, "workdir": "/", "entrypoint": [], "copies": []}
+    variables: dict[str, str] = {}
     for line in text.splitlines():
         word, _, rest = line.strip().partition(" ")
-        if word == "ENV":
-            image["env"].update(dict(part.split("=", 1) for part in shlex.split(rest)))
+        if word in ("ENV", "COPY", "WORKDIR"):
+            rest = expand(rest, variables)
+        if word == "ARG":
+            name, _, default = rest.strip().partition("=")
+            variables[name] = (build_args or {}).get(name, default)
+        elif word == "ENV":
+            pairs = dict(part.split("=", 1) for part in shlex.split(rest))
+            image["env"].update(pairs)
+            variables.update(pairs)
+        elif word == "RUN":
+            image["copies"].clear()
+        elif word == "COPY":
+            *sources, destination = [part for part in rest.split() if not part.startswith("--")]
+            chmod = re.search(r"--chmod=([0-7]+)", rest)
+            image["copies"].append((sources, destination, int(chmod[1], 8) if chmod else None))
         elif word == "WORKDIR":
             image["workdir"] = rest.strip()
         elif word == "ENTRYPOINT":
@@ -84,19 +127,25 @@ class Pod:
         root: Path,
         services: dict[str, int] | None = None,
         secrets: dict[str, dict[str, str]] | None = None,
+        claims: dict[str, Path] | None = None,
+        build_args: dict[str, str] | None = None,
         /,
         **env_overrides: str,
     ) -> None:
-        """`services`: "NAME:PORT" of a Service to its stand-in's local port; `secrets`: Secrets already there."""
+        """`services`: "NAME:PORT" of a Service to its stand-in's local port; `secrets`: Secrets already
+        there; `claims`: PersistentVolumeClaims already there, each a folder; `build_args`: the image's."""
         self.docs = docs
         self.root = root
         self.services = services or {}
         self.secrets = secrets or {}
+        self.claims = claims or {}
         spec = docs["Deployment"]["spec"]["template"]["spec"]
         self.grace = spec["terminationGracePeriodSeconds"]
         container = spec["containers"][0]
         self.container = container
-        image = dockerfile()
+        image = dockerfile(build_args)
+        self.paths = [mount["mountPath"] for mount in container["volumeMounts"]]
+        self._copy(image["copies"])
         self._mount(spec, container)
         ports = {port["name"]: port["containerPort"] for port in container["ports"]}
         self.port = free_port()
@@ -143,19 +192,39 @@ class Pod:
     def _map(self, value: str) -> str:
         for service, port in self.services.items():
             value = value.replace(f"//{service}/", f"//127.0.0.1:{port}/")
-        for mount in self.container["volumeMounts"]:
-            if value.startswith(mount["mountPath"] + "/"):
-                return str(self.host_path(mount["mountPath"])) + value[len(mount["mountPath"]) :]
+        for path in self.paths:
+            if value == path or value.startswith(path + "/"):
+                return str(self.host_path(path)) + value[len(path) :]
         return value
+
+    def _copy(self, copies: list[tuple[list[str], str, int | None]]) -> None:
+        """The image's COPYs, from the repository root as build context."""
+        for sources, destination, mode in copies:
+            for source in sources:
+                found = sorted(ROOT.glob(source))
+                # A wildcard may match nothing (BuildKit copies nothing); a plain path must exist.
+                assert found or any(char in source for char in "*?["), f"COPY {source}: not in the context"
+                for path in found:
+                    target = self.host_path(destination)
+                    target = target / path.name if destination.endswith("/") else target
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, target)
+                    if mode is not None:
+                        target.chmod(mode)
+            self.paths.append(destination.rstrip("/"))
 
     def _mount(self, spec: dict[str, Any], container: dict[str, Any]) -> None:
         volumes = {volume["name"]: volume for volume in spec["volumes"]}
-        config_map = self.docs["ConfigMap"]
         for mount in container["volumeMounts"]:
             folder = self.host_path(mount["mountPath"])
-            folder.mkdir(parents=True, exist_ok=True)
             volume = volumes[mount["name"]]
+            if "persistentVolumeClaim" in volume:
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                folder.symlink_to(self.claims[volume["persistentVolumeClaim"]["claimName"]])
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
             if "configMap" in volume:
+                config_map = self.docs["ConfigMap"]
                 assert volume["configMap"]["name"] == config_map["metadata"]["name"]
                 for key, text in config_map.get("data", {}).items():
                     (folder / key).write_text(text)
@@ -342,10 +411,60 @@ class Nginx:
             self.process.wait()
 
 
+class ApiServer:
+    """Just enough of a Kubernetes API server for `kubectl apply --dry-run=client`:
+    core/v1 discovery with ConfigMaps, and every object absent (so kubectl
+    prints what it would create, last-applied annotation and all)."""
+
+    RESOURCES: ClassVar[dict[str, Any]] = {
+        "/api": {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []},
+        "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": []},
+        "/api/v1": {
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": "v1",
+            "resources": [
+                {
+                    "name": "configmaps",
+                    "singularName": "configmap",
+                    "namespaced": True,
+                    "kind": "ConfigMap",
+                    "verbs": ["get", "create", "patch"],
+                }
+            ],
+        },
+    }
+
+    def __init__(self) -> None:
+        resources = self.RESOURCES
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                found = resources.get(self.path.partition("?")[0])
+                missing = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}
+                body = json.dumps(found or missing).encode()
+                self.send_response(200 if found else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def validate(doc: dict[str, Any]) -> None:
     import kubernetes_validate
 
     kubernetes_validate.validate(doc, "1.33", strict=True)
 
 
-__all__ = ["Nginx", "Pod", "Redis", "generate", "kube", "need", "validate"]
+__all__ = ["ApiServer", "Nginx", "Pod", "Redis", "generate", "kube", "need", "validate"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import time
 import urllib.error
@@ -19,10 +21,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 from conftest import ACTIONLOOP, EXAMPLES, ROOT, TIME_FACTOR, ask, concurrently, make_zip
-from deploy_helpers import Nginx, Pod, Redis, generate, need, validate
+from deploy_helpers import ApiServer, Nginx, Pod, Redis, dockerfile, generate, kube, need, validate
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
+
+from actionloop.cli import kube_parser
+from actionloop.config import from_env
 
 TIMEOUT = 20 * TIME_FACTOR
 
@@ -74,21 +80,37 @@ def test_checked_in_manifest_is_current(example: str) -> None:
             "--namespace",
             "actions",
         ),
+        ("--name", "big", "--url", "https://downloads.example.com/hello.py", "--replicas", "2"),
+        ("--name", "big", "--volume-claim", "actions", "--autoscale", "2:10", "--cpu-target", "50"),
+        ("--name", "big", "--image", "registry.example.com/big:1", "--action-in-image", "--with-redis"),
     ],
 )
 def test_manifests_validate(args: tuple[str, ...]) -> None:
     """Every generated document validates against the Kubernetes 1.33 schemas."""
     docs = generate(EXAMPLES / "hello.py", *args)
-    assert set(docs) >= {"ConfigMap", "Deployment", "Service", "Ingress"}
+    assert set(docs) >= {"Deployment", "Service", "Ingress"}
+    assert ("ConfigMap" in docs) == (not {"--url", "--volume-claim", "--action-in-image"} & set(args))
     for doc in docs.values():
         validate(doc)
     deployment = docs["Deployment"]["spec"]
-    container = deployment["template"]["spec"]["containers"][0]
-    env = {item["name"]: item["value"] for item in container["env"]}
+    pod_spec = deployment["template"]["spec"]
+    container = pod_spec["containers"][0]
+    env = {item["name"]: item["value"] for item in container["env"] if "value" in item}
     timeout = int(docs["Ingress"]["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-read-timeout"])
     assert float(env["OW_WEBSOCKET_PING"]) * 2 < min(timeout, 60)
-    assert deployment["template"]["spec"]["terminationGracePeriodSeconds"] > float(env["OW_DRAIN_TIMEOUT"])
+    assert pod_spec["terminationGracePeriodSeconds"] > float(env["OW_DRAIN_TIMEOUT"])
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # A Service named `ow` must not set OW_PORT=tcp://... in the pods.
+    assert pod_spec["enableServiceLinks"] is False
+    # A new pod is ready before an old one is told to drain.
+    assert deployment["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+
+
+def test_readme_names_every_kube_flag() -> None:
+    """README: Deploy on Kubernetes names every flag of `actionloop kube`."""
+    readme = (ROOT / "README.md").read_text()
+    flags = {flag for action in kube_parser()._actions for flag in action.option_strings if flag.startswith("--")}
+    assert {flag for flag in flags - {"--help"} if f"{flag} " not in readme and f"{flag}`" not in readme} == set()
 
 
 def test_zip_goes_to_binary_data(tmp_path: Path) -> None:
@@ -113,8 +135,15 @@ def test_schema_check_can_fail() -> None:
 def pod(tmp_path: Path) -> Any:
     pods: list[Pod] = []
 
-    def start(action: Path, *args: str, **env: str) -> Pod:
-        started = Pod(generate(action, "--name", "hello", *args), tmp_path / f"pod{len(pods)}", **env)
+    def start(
+        action: Path,
+        *args: str,
+        claims: dict[str, Path] | None = None,
+        build_args: dict[str, str] | None = None,
+        **env: str,
+    ) -> Pod:
+        docs = generate(action, "--name", "hello", *args)
+        started = Pod(docs, tmp_path / f"pod{len(pods)}", None, None, claims, build_args, **env)
         pods.append(started)
         return started.wait_ready()
 
@@ -346,11 +375,25 @@ def test_generated_token_is_new_each_time_and_rolls_the_pods() -> None:
         (("--redis", "cache:6379"), 2, "redis://"),
         (("--redis", "redis://cache:6379/0", "--with-redis"), 2, "not allowed with"),
         (("--api", "--replicas", "3"), 0, "only its own connections"),
-        (("--with-redis", "--replicas", "3"), 0, ""),
+        (("--api", "--autoscale", "2:4", "--image", "r/a:1"), 0, "only its own connections"),
+        (("--with-redis", "--replicas", "3", "--image", "registry.example.com/actionloop:1"), 0, ""),
+        ((), 0, "the image actionloop:0.1.0 is in no registry: build deploy/Dockerfile"),
+        (("--url", "ftp://files.example.com/hello.py"), 2, "https://"),
+        (("--url", "https://a.example.com/h.py", "--volume-claim", "c"), 2, "not allowed with"),
+        (("--url", "https://a.example.com/h.py", "--image", "r/a:1", "--action-in-image"), 2, "not allowed with"),
+        (("--volume-claim", "c", "--image", "r/a:1", "--action-in-image"), 2, "not allowed with"),
+        (("--action-in-image",), 2, "--action-in-image needs --image"),
+        (("--replicas", "2", "--autoscale", "2:5"), 2, "not allowed with"),
+        (("--autoscale", "0:5"), 2, "MIN is at least 1"),
+        (("--autoscale", "5:2"), 2, "MAX at least MIN"),
+        (("--autoscale", "5"), 2, "MIN:MAX"),
+        (("--cpu-target", "50"), 2, "--cpu-target needs --autoscale"),
+        (("--autoscale", "1:3", "--cpu-target", "0"), 2, "at least 1"),
     ],
 )
 def test_kube_flags_refused_or_warned(args: tuple[str, ...], status: int, says: str) -> None:
-    """A bad Redis URL or both Redis flags are refused; an API over replicas without Redis is warned about."""
+    """Bad or clashing flags are refused (exit 2, nothing printed); an API over replicas without Redis
+    and the unpublished default image are warned about."""
     done = subprocess.run(
         [ACTIONLOOP, "kube", str(EXAMPLES / "hello.py"), "--name", "chat", *args],
         capture_output=True,
@@ -359,6 +402,7 @@ def test_kube_flags_refused_or_warned(args: tuple[str, ...], status: int, says: 
     )
     assert done.returncode == status
     assert says in done.stderr.decode() if says else done.stderr == b""
+    assert (done.stdout != b"") == (status == 0)
 
 
 EVENTS_ACTION = """\
@@ -456,3 +500,223 @@ def test_ingress_tls(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert done.returncode == 2 and b"--tls-secret needs --host" in done.stderr
+
+
+# --------------------------------------------------------------------------
+# Actions of any size, and day two: rollouts, disruptions, autoscaling.
+
+IMAGE = "registry.example.com/actionloop:1"
+
+
+def kube_cli(action: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """`actionloop kube` as a user runs it, exit status, stdout and stderr kept."""
+    command = [ACTIONLOOP, "kube", str(action), "--name", "big", "--image", IMAGE, *args]
+    return subprocess.run(command, capture_output=True, check=False, timeout=60)
+
+
+def printed(done: subprocess.CompletedProcess[bytes]) -> dict[str, dict[str, Any]]:
+    return {
+        doc["kind"]: doc for doc in yaml.load_all(done.stdout, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    }
+
+
+@pytest.mark.parametrize("byte", [b"#", b"\xff"], ids=["data", "binaryData"])
+def test_configmap_limit(tmp_path: Path, byte: bytes) -> None:
+    """Exactly 1 MiB of code (binaryData counted decoded) still goes in a ConfigMap; a byte more is
+    refused, exit 2 and nothing printed, with one paragraph naming the three other ways, which take it."""
+    action = tmp_path / "big.py"
+    action.write_bytes(byte * (kube.CONFIGMAP_LIMIT - 1) + b"\n")
+    fits = kube_cli(action)
+    assert fits.returncode == 0, fits.stderr
+    config_map = printed(fits)["ConfigMap"]
+    validate(config_map)
+    if byte == b"#":
+        assert len(config_map["data"]["big.py"].encode()) == kube.CONFIGMAP_LIMIT
+    else:
+        assert len(base64.b64decode(config_map["binaryData"]["big.py"])) == kube.CONFIGMAP_LIMIT
+    action.write_bytes(byte * kube.CONFIGMAP_LIMIT + b"\n")
+    refused = kube_cli(action)
+    assert refused.returncode == 2 and refused.stdout == b""
+    said = refused.stderr.decode()
+    assert said.count("\n") == 1 and "1,048,577 bytes" in said and "(1,048,576 bytes)" in said
+    for way in (
+        "--url https://HOST/big.py",
+        "--volume-claim CLAIM",
+        "docker build -f deploy/Dockerfile --build-arg ACTION=FILE -t IMAGE .",
+        "--image IMAGE --action-in-image",
+    ):
+        assert way in said
+    for args in (("--url", "https://files.example.com/big.py"), ("--volume-claim", "actions"), ("--action-in-image",)):
+        taken = kube_cli(action, *args)
+        assert taken.returncode == 0 and "ConfigMap" not in printed(taken)
+
+
+@pytest.mark.parametrize(
+    ("code", "warned"),
+    [
+        (b"#" * 250_000 + b"\n", False),
+        (b"#" * 262_144 + b"\n", True),
+        (b"<" * 50_000 + b"#" * 200_000 + b"\n", True),  # Go's JSON writes each < in 6 bytes
+        (b"\xff" * 200_000, True),  # binaryData is base64 in the JSON: 4/3 of the bytes
+    ],
+    ids=["250000", "262145", "escaped", "binary"],
+)
+def test_apply_annotation_warning(tmp_path: Path, code: bytes, warned: bool) -> None:
+    """Past 256 KiB of annotation, client-side `kubectl apply` fails: warned, with --server-side, manifests printed."""
+    action = tmp_path / "mid.py"
+    action.write_bytes(code)
+    done = kube_cli(action)
+    assert done.returncode == 0 and "ConfigMap" in printed(done)
+    said = done.stderr.decode()
+    assert ("kubectl apply --server-side -f -" in said) == warned
+    assert ("262,144 bytes" in said) == warned
+
+
+def test_annotation_size_is_kubectls(tmp_path: Path) -> None:
+    """The size the warning goes by is the annotation real kubectl apply writes (escapes, base64, namespace)."""
+    kubectl = shutil.which("kubectl") or pytest.skip("kubectl is not installed (an optional cross-check)")
+    source = tmp_path / "odd.py"
+    source.write_text("s = '<a> & \u2028 \u00e9 \"q\"'\n\tx = 1\n")
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(bytes(range(256)) * 10)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "no-config")}
+    api = ApiServer()
+    try:
+        for action in (source, binary):
+            # The longest namespace, which is what kube assumes when none is given.
+            config_map = generate(action, "--name", "sized", "--namespace", "n" * 63, "--image", IMAGE)["ConfigMap"]
+            given = tmp_path / "configmap.json"
+            given.write_text(json.dumps(config_map))
+            applied = [kubectl, "--server", api.url, "apply", "--dry-run=client", "--validate=false", "-o", "json"]
+            done = subprocess.run([*applied, "-f", str(given)], env=env, capture_output=True, check=True, timeout=60)
+            annotation = json.loads(done.stdout)["metadata"]["annotations"][kube.LAST_APPLIED]
+            assert kube.last_applied_size(config_map) == len(kube.LAST_APPLIED) + len(annotation.encode())
+    finally:
+        api.stop()
+
+
+HELLO_SHA256 = hashlib.sha256((EXAMPLES / "hello.py").read_bytes()).hexdigest()
+URL = "https://downloads.example.com/hello.py"
+
+
+@pytest.mark.parametrize(
+    ("args", "autoinit", "volume"),
+    [
+        ((), {"OW_AUTOINIT": "/etc/actionloop/code/hello.py"}, {"configMap": {"name": "hello-code"}}),
+        (("--url", URL), {"OW_AUTOINIT": URL, "OW_AUTOINIT_SHA256": HELLO_SHA256}, None),
+        (
+            ("--volume-claim", "actions"),
+            {"OW_AUTOINIT": "/etc/actionloop/code/hello.py"},
+            {"persistentVolumeClaim": {"claimName": "actions", "readOnly": True}},
+        ),
+        (("--action-in-image",), {}, None),
+    ],
+    ids=["configmap", "url", "volume-claim", "action-in-image"],
+)
+def test_where_the_code_comes_from(args: tuple[str, ...], autoinit: dict[str, str], volume: Any) -> None:
+    """Each way to ship the code gives the pod its own OW_AUTOINIT (none: the image's) and code volume, if any."""
+    docs = generate(EXAMPLES / "hello.py", "--name", "hello", "--image", IMAGE, *args)
+    for doc in docs.values():
+        validate(doc)
+    assert ("ConfigMap" in docs) == (not args)
+    env = env_of(docs)
+    assert {name: env[name]["value"] for name in ("OW_AUTOINIT", "OW_AUTOINIT_SHA256") if name in env} == autoinit
+    pod_spec = docs["Deployment"]["spec"]["template"]["spec"]
+    volumes = {v["name"]: {key: value for key, value in v.items() if key != "name"} for v in pod_spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in pod_spec["containers"][0]["volumeMounts"]}
+    assert volumes.get("code") == volume
+    assert volumes["action"] == {"emptyDir": {}} and "/actionloop/action" in mounts
+    if volume is None:
+        assert "/etc/actionloop/code" not in mounts
+    else:
+        assert mounts["/etc/actionloop/code"] == {"name": "code", "mountPath": "/etc/actionloop/code", "readOnly": True}
+
+
+@pytest.mark.parametrize(
+    ("args", "replicas", "budget", "autoscale"),
+    [
+        ((), 1, False, None),
+        (("--replicas", "3"), 3, True, None),
+        (("--autoscale", "2:8"), None, True, (2, 8, 70)),
+        (("--autoscale", "1:4", "--cpu-target", "55"), None, True, (1, 4, 55)),
+    ],
+)
+def test_disruption_budget_and_autoscaler(
+    args: tuple[str, ...], replicas: int | None, budget: bool, autoscale: tuple[int, int, int] | None
+) -> None:
+    """A PodDisruptionBudget (one pod at a time) with several pods or autoscaling; the autoscaler, on CPU,
+    owns the count, so the Deployment states none."""
+    docs = generate(EXAMPLES / "hello.py", "--name", "hello", "--image", IMAGE, *args)
+    deployment = docs["Deployment"]
+    assert deployment["spec"].get("replicas") == replicas
+    assert ("PodDisruptionBudget" in docs) == budget
+    assert ("HorizontalPodAutoscaler" in docs) == (autoscale is not None)
+    if budget:
+        pdb = docs["PodDisruptionBudget"]
+        validate(pdb)
+        assert pdb["spec"] == {"maxUnavailable": 1, "selector": deployment["spec"]["selector"]}
+    if autoscale is not None:
+        hpa = docs["HorizontalPodAutoscaler"]
+        validate(hpa)
+        validate(deployment)
+        spec = hpa["spec"]
+        target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+        assert spec["scaleTargetRef"] == target
+        assert (spec["minReplicas"], spec["maxReplicas"]) == autoscale[:2]
+        (metric,) = spec["metrics"]
+        assert metric["resource"]["name"] == "cpu"
+        assert metric["resource"]["target"] == {"type": "Utilization", "averageUtilization": autoscale[2]}
+        # Utilization is a share of the request, which must therefore be set.
+        assert deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"]
+
+
+def test_dockerfile_action_build_arg() -> None:
+    """deploy/Dockerfile: with ACTION the file is copied, readable by all, to a fixed path OW_AUTOINIT names;
+    without it nothing is copied and OW_AUTOINIT is empty, which the runtime takes as not set."""
+    built = dockerfile({"ACTION": "examples/hello.py"})
+    assert built["copies"] == [(["examples/hello.py"], "/opt/actionloop/action", 0o444)]
+    assert built["env"]["OW_AUTOINIT"] == "/opt/actionloop/action"
+    plain = dockerfile()
+    ((sources, destination, _),) = plain["copies"]
+    # A wildcard matching nothing: BuildKit copies nothing, where a plain missing path fails the build.
+    assert destination == "/opt/actionloop/action" and "*" in sources[0] and not list(ROOT.glob(sources[0]))
+    assert plain["env"]["OW_AUTOINIT"] == ""
+    assert from_env({"OW_AUTOINIT": ""}).autoinit == ""
+
+
+def test_pod_with_action_in_image(pod: Any) -> None:
+    """--action-in-image: a pod of the image built with ACTION=examples/hello.py (its COPY and ENV played) answers."""
+    running = pod(
+        EXAMPLES / "hello.py",
+        "--path",
+        "/hello",
+        "--image",
+        IMAGE,
+        "--action-in-image",
+        build_args={"ACTION": "examples/hello.py"},
+    )
+    assert "OW_AUTOINIT" not in {item["name"] for item in running.container["env"]}
+    with connect(f"ws://127.0.0.1:{running.port}/hello", open_timeout=TIMEOUT) as ws:
+        assert ask(ws, {"name": "image"}) == {"greeting": "Hello, image!"}
+
+
+GREETER = "def main(args):\n    return {{'greeting': '{word}, ' + args.get('name', '') + '!'}}\n"
+
+
+def test_pod_from_volume_claim(pod: Any, tmp_path: Path) -> None:
+    """--volume-claim: a pod started as the spec says runs the file on the claim, and a new version
+    written there is served on the open connection (live update)."""
+    claim = tmp_path / "claim"
+    claim.mkdir()
+    action = claim / "greet.py"
+    action.write_text(GREETER.format(word="Hello"))
+    running = pod(action, "--path", "/greet", "--image", IMAGE, "--volume-claim", "actions", claims={"actions": claim})
+    with connect(f"ws://127.0.0.1:{running.port}/greet", open_timeout=TIMEOUT) as ws:
+        assert ask(ws, {"name": "claim"}) == {"greeting": "Hello, claim!"}
+        new = claim / "greet.py.new"  # as `kubectl cp` to a temporary name, then `mv`, would
+        new.write_text(GREETER.format(word="Bonjour"))
+        new.replace(action)
+        deadline = time.monotonic() + TIMEOUT
+        while (reply := ask(ws, {"name": "claim"})) != {"greeting": "Bonjour, claim!"}:
+            assert reply == {"greeting": "Hello, claim!"} and time.monotonic() < deadline
+            time.sleep(0.1)

@@ -110,8 +110,21 @@ def kube_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", required=True, help="name of the ConfigMap, Deployment, Service and Ingress")
     parser.add_argument("--path", default="/hello", help="WebSocket path (default /hello)")
     parser.add_argument("--host", default="", help="Ingress host; also the only allowed browser Origin")
-    parser.add_argument("--replicas", type=int, default=1, help="pods (default 1)")
-    parser.add_argument("--image", help=f"runtime image (default actionloop:{__version__})")
+    count = parser.add_mutually_exclusive_group()
+    count.add_argument("--replicas", type=int, help="pods (default 1)")
+    count.add_argument(
+        "--autoscale",
+        metavar="MIN:MAX",
+        type=replica_range,
+        help="a HorizontalPodAutoscaler on CPU keeps MIN to MAX pods instead",
+    )
+    parser.add_argument(
+        "--cpu-target",
+        metavar="PERCENT",
+        type=percent,
+        help="with --autoscale: the average CPU use it aims at, in percent of the CPU request (default 70)",
+    )
+    parser.add_argument("--image", help=f"runtime image (default actionloop:{__version__}, which no registry has)")
     parser.add_argument("--namespace", default="", help="namespace to create and use")
     parser.add_argument("--main", default="main", help="entry point (default main)")
     parser.add_argument("--ingress-class", default="nginx", help="ingressClassName (default nginx)")
@@ -122,6 +135,25 @@ def kube_parser() -> argparse.ArgumentParser:
         help="TLS at the Ingress for --host, with this kubernetes.io/tls Secret (wss://, https://)",
     )
     parser.add_argument("--demo", action="store_true", help="also serve the demo page at /")
+    large = parser.add_argument_group(
+        "the code elsewhere than in a ConfigMap, which holds 1 MiB (README: Deploy on Kubernetes)"
+    ).add_mutually_exclusive_group()
+    large.add_argument(
+        "--url",
+        type=http_url,
+        help="each pod downloads FILE, uploaded there, and checks it has FILE's SHA-256",
+    )
+    large.add_argument(
+        "--volume-claim",
+        metavar="CLAIM",
+        default="",
+        help="FILE is on this existing PersistentVolumeClaim, under its base name",
+    )
+    large.add_argument(
+        "--action-in-image",
+        action="store_true",
+        help="--image was built with the action (deploy/Dockerfile --build-arg ACTION=FILE)",
+    )
     push = parser.add_argument_group("push, channels and events (README: Push, channels and events)")
     push.add_argument(
         "--api",
@@ -162,11 +194,53 @@ def redis_url(text: str) -> str:
     return text
 
 
+def http_url(text: str) -> str:
+    """`--url URL`: what the runtime will fetch (README: Auto-init from a URL)."""
+    import argparse
+
+    if not text.startswith(("https://", "http://")):
+        raise argparse.ArgumentTypeError("the URL starts with https:// (or http://)")
+    return text
+
+
+def replica_range(text: str) -> tuple[int, int]:
+    """`--autoscale MIN:MAX`, refused unless 1 <= MIN <= MAX."""
+    import argparse
+
+    low, _, high = text.partition(":")
+    try:
+        least, most = int(low), int(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError("MIN:MAX, two whole numbers, e.g. 2:10") from None
+    if not 1 <= least <= most:
+        raise argparse.ArgumentTypeError("MIN is at least 1 and MAX at least MIN")
+    return least, most
+
+
+def percent(text: str) -> int:
+    import argparse
+
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("a whole number of percent, at least 1")
+    return int(text)
+
+
+def kube_refusal(args: argparse.Namespace) -> str:
+    """Flags that make no sense together (argparse checks the rest)."""
+    if args.tls_secret and not args.host:
+        return "--tls-secret needs --host: a certificate is for a host name"
+    if args.action_in_image and not args.image:
+        return "--action-in-image needs --image: the image built with the action (deploy/Dockerfile, ACTION)"
+    if args.cpu_target is not None and args.autoscale is None:
+        return "--cpu-target needs --autoscale"
+    return ""
+
+
 def print_manifests(args: argparse.Namespace) -> int:
     from . import kube  # PyYAML is needed only here: keep it out of start-up
 
-    if args.tls_secret and not args.host:
-        log("actionloop kube: --tls-secret needs --host: a certificate is for a host name")
+    if refusal := kube_refusal(args):
+        log(f"actionloop kube: {refusal}")
         return 2
 
     spec = kube.KubeSpec(
@@ -174,8 +248,8 @@ def print_manifests(args: argparse.Namespace) -> int:
         filename=args.file.name,
         path=args.path,
         host=args.host,
-        replicas=args.replicas,
-        image=args.image or kube.KubeSpec.image,
+        replicas=1 if args.replicas is None else args.replicas,
+        image=args.image or kube.DEFAULT_IMAGE,
         namespace=args.namespace,
         main=args.main,
         demo=args.demo,
@@ -186,14 +260,23 @@ def print_manifests(args: argparse.Namespace) -> int:
         redis_url=args.redis or "",
         with_redis=args.with_redis,
         events=args.events,
+        url=args.url or "",
+        volume_claim=args.volume_claim,
+        action_in_image=args.action_in_image,
+        min_replicas=args.autoscale[0] if args.autoscale else 0,
+        max_replicas=args.autoscale[1] if args.autoscale else 0,
+        cpu_target=args.cpu_target or kube.CPU_TARGET,
     )
-    for caveat in kube.caveats(spec):
-        log(f"actionloop kube: {caveat}")
     try:
         code = args.file.read_bytes()
     except OSError as exc:
         log(f"actionloop kube: cannot read {args.file}: {exc.strerror}")
         return 1
+    if refusal := kube.too_big(spec, code):
+        log(f"actionloop kube: {refusal}")
+        return 2
+    for caveat in kube.caveats(spec, code):
+        log(f"actionloop kube: {caveat}")
     sys.stdout.write(kube.to_yaml(kube.manifests(spec, code)))
     return 0
 

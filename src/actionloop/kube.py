@@ -6,6 +6,12 @@ OW_AUTOINIT pointing into the mounted ConfigMap, a Service and an Ingress
 whose timeouts keep WebSockets open. The paths below must agree with
 deploy/Dockerfile (WORKDIR, user).
 
+An action too big for a ConfigMap comes instead from a URL (pinned by its
+SHA-256), from a PersistentVolumeClaim mounted where the ConfigMap would be,
+or from the image itself (deploy/Dockerfile's ACTION build argument). With
+more than one replica, or an autoscaler, a PodDisruptionBudget keeps all but
+one pod up through voluntary disruptions.
+
 With the management API (SPEC.md part D) the token comes from a Secret, the
 API port is a second Service port that the Ingress never routes, and Redis,
 given or bundled as one Deployment without persistence, joins the replicas.
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 import secrets
 from dataclasses import dataclass, replace
@@ -45,6 +52,16 @@ API_TOKEN_KEY = "token"
 # Changes when the generated token does, so applying new manifests restarts
 # every pod: replicas never disagree on the token.
 TOKEN_ANNOTATION = "actionloop/api-token-sha256"
+DEFAULT_IMAGE = f"actionloop:{__version__}"  # what deploy/Dockerfile builds; in no registry
+# ValidateConfigMap refuses data and binaryData values that sum to more bytes
+# than this (binaryData counted decoded, keys not at all).
+CONFIGMAP_LIMIT = 1024 * 1024
+# Client-side `kubectl apply` copies the whole object, as JSON, into this
+# annotation, and an object's annotations may total this many bytes, keys
+# included (apimachinery's TotalAnnotationSizeLimitB).
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+ANNOTATIONS_LIMIT = 256 * 1024
+CPU_TARGET = 70  # percent of the CPU request, averaged over the pods
 REDIS_IMAGE = "redis:7-alpine"
 REDIS_PORT = 6379
 REDIS_DATA = "/data"  # the image's WORKDIR
@@ -60,7 +77,7 @@ class KubeSpec:
     path: str = "/hello"
     host: str = ""
     replicas: int = 1
-    image: str = f"actionloop:{__version__}"
+    image: str = DEFAULT_IMAGE
     namespace: str = ""
     main: str = "main"
     demo: bool = False
@@ -72,6 +89,27 @@ class KubeSpec:
     redis_url: str = ""
     with_redis: bool = False
     events: bool = False
+    # Where the code comes from instead of a ConfigMap: at most one of these.
+    url: str = ""
+    code_sha256: str = ""  # of the file at url; manifests() computes it from the local copy
+    volume_claim: str = ""
+    action_in_image: bool = False
+    min_replicas: int = 0  # an autoscaler from min to max replicas; 0: none
+    max_replicas: int = 0
+    cpu_target: int = CPU_TARGET
+
+    @property
+    def in_config_map(self) -> bool:
+        return not (self.url or self.volume_claim or self.action_in_image)
+
+    @property
+    def autoscaled(self) -> bool:
+        return self.max_replicas > 0
+
+    @property
+    def several(self) -> bool:
+        """More than one pod, or maybe so (not counting a rollout's extra one)."""
+        return self.replicas > 1 or self.autoscaled
 
     @property
     def management(self) -> bool:
@@ -124,10 +162,60 @@ def config_map(spec: KubeSpec, code: bytes) -> dict[str, Any]:
     return doc
 
 
+def too_big(spec: KubeSpec, code: bytes) -> str:
+    """Why the action cannot go into a ConfigMap, with the ways it can go; "" if it fits."""
+    if not spec.in_config_map or len(code) <= CONFIGMAP_LIMIT:
+        return ""
+    return (
+        f"{spec.filename} is {len(code):,} bytes, more than a ConfigMap holds ({CONFIGMAP_LIMIT:,} bytes). "
+        f"Ship it one of three other ways (README: Deploy on Kubernetes): "
+        f"upload it and pass --url https://HOST/{spec.filename} (each pod downloads it and checks "
+        f"its SHA-256 against this file's); or copy it as {spec.filename} onto a PersistentVolumeClaim "
+        f"and pass --volume-claim CLAIM; or build it into the image with "
+        f"`docker build -f deploy/Dockerfile --build-arg ACTION=FILE -t IMAGE .` (FILE inside the build "
+        f"context), push IMAGE and pass --image IMAGE --action-in-image."
+    )
+
+
+def last_applied_size(doc: dict[str, Any]) -> int:
+    """Bytes the annotation of client-side `kubectl apply` would add to doc.
+
+    kubectl (util.GetModifiedConfiguration) encodes the object with an empty
+    annotations map and the namespace it fills in, with Go's JSON encoder:
+    compact, a final newline, and `<`, `>`, `&`, U+2028 and U+2029 written as
+    six-byte escapes, where Python's JSON keeps them as they are.
+    """
+    meta = {**doc["metadata"], "annotations": {}}
+    meta.setdefault("namespace", "n" * 63)  # kubectl's current one: at most 63 characters
+    text = json.dumps({**doc, "metadata": meta}, ensure_ascii=False, separators=(",", ":"))
+    escaped = sum(text.count(char) for char in "<>&") * 5 + sum(text.count(char) for char in "\u2028\u2029") * 3
+    return len(LAST_APPLIED) + len(text.encode()) + escaped + 1
+
+
+def autoinit_env(spec: KubeSpec) -> dict[str, str]:
+    """OW_AUTOINIT where the pod finds the code (and the hash that pins a URL)."""
+    if spec.action_in_image:
+        return {}  # the image's own OW_AUTOINIT (deploy/Dockerfile, ACTION)
+    if spec.url:
+        return {"OW_AUTOINIT": spec.url, "OW_AUTOINIT_SHA256": spec.code_sha256}
+    if spec.volume_claim:
+        return {"OW_AUTOINIT": f"{CODE_MOUNT}/{spec.filename}"}
+    return {"OW_AUTOINIT": f"{CODE_MOUNT}/{config_key(spec.filename)}"}
+
+
+def code_volume(spec: KubeSpec) -> dict[str, Any] | None:
+    """The volume mounted at CODE_MOUNT: the ConfigMap or the claim; None for a URL or the image."""
+    if spec.volume_claim:
+        return {"name": "code", "persistentVolumeClaim": {"claimName": spec.volume_claim, "readOnly": True}}
+    if spec.in_config_map:
+        return {"name": "code", "configMap": {"name": f"{spec.name}-code"}}
+    return None
+
+
 def container(spec: KubeSpec) -> dict[str, Any]:
     env = {
         "OW_WEBSOCKET": spec.path,
-        "OW_AUTOINIT": f"{CODE_MOUNT}/{config_key(spec.filename)}",
+        **autoinit_env(spec),
         "OW_AUTOINIT_MAIN": spec.main,
         "OW_WEBSOCKET_PING": str(PING_INTERVAL),
         "OW_DRAIN_TIMEOUT": str(DRAIN_TIMEOUT),
@@ -150,6 +238,9 @@ def container(spec: KubeSpec) -> dict[str, Any]:
     if spec.management:
         token = {"secretKeyRef": {"name": spec.token_secret, "key": API_TOKEN_KEY}}
         env_list.append({"name": "OW_API_TOKEN", "valueFrom": token})
+    mounts: list[dict[str, Any]] = [{"name": "action", "mountPath": ACTION_DIR}, {"name": "tmp", "mountPath": "/tmp"}]
+    if code_volume(spec) is not None:
+        mounts.insert(0, {"name": "code", "mountPath": CODE_MOUNT, "readOnly": True})
     probe = {"port": "http"}
     probes: dict[str, Any] = {
         "readinessProbe": {"httpGet": {"path": "/readyz", **probe}, "periodSeconds": 5, "failureThreshold": 2},
@@ -176,15 +267,14 @@ def container(spec: KubeSpec) -> dict[str, Any]:
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
         },
-        "volumeMounts": [
-            {"name": "code", "mountPath": CODE_MOUNT, "readOnly": True},
-            {"name": "action", "mountPath": ACTION_DIR},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
+        "volumeMounts": mounts,
     }
 
 
 def deployment(spec: KubeSpec) -> dict[str, Any]:
+    volumes: list[dict[str, Any]] = [{"name": "action", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
+    if (code := code_volume(spec)) is not None:
+        volumes.insert(0, code)
     pod_meta: dict[str, Any] = {"labels": labels(spec)}
     if spec.api_token and not spec.api_token_secret:
         pod_meta["annotations"] = {TOKEN_ANNOTATION: hashlib.sha256(spec.api_token.encode()).hexdigest()}
@@ -201,19 +291,50 @@ def deployment(spec: KubeSpec) -> dict[str, Any]:
                 "fsGroup": USER_ID,
                 "seccompProfile": {"type": "RuntimeDefault"},
             },
+            # A Service named like an OW_ setting (`ow` gives OW_PORT=tcp://...)
+            # would otherwise set it in every pod of the namespace.
+            "enableServiceLinks": False,
             "containers": [container(spec)],
-            "volumes": [
-                {"name": "code", "configMap": {"name": f"{spec.name}-code"}},
-                {"name": "action", "emptyDir": {}},
-                {"name": "tmp", "emptyDir": {}},
-            ],
+            "volumes": volumes,
         },
     }
+    body: dict[str, Any] = {
+        # A new pod is ready before an old one drains (README: Shutdown):
+        # a rollout never has fewer pods serving than asked for.
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "selector": {"matchLabels": labels(spec)},
+        "template": pod,
+    }
+    if not spec.autoscaled:  # else the autoscaler owns the count, and apply must not reset it
+        body = {"replicas": spec.replicas, **body}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata(spec), "spec": body}
+
+
+def disruption_budget(spec: KubeSpec) -> dict[str, Any]:
+    """A node drain or other voluntary eviction takes one pod at a time, each drained in turn."""
     return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
         "metadata": metadata(spec),
-        "spec": {"replicas": spec.replicas, "selector": {"matchLabels": labels(spec)}, "template": pod},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels(spec)}},
+    }
+
+
+def autoscaler(spec: KubeSpec) -> dict[str, Any]:
+    cpu = {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": spec.cpu_target}}
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": metadata(spec),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": spec.name},
+            "minReplicas": spec.min_replicas,
+            "maxReplicas": spec.max_replicas,
+            "metrics": [{"type": "Resource", "resource": cpu}],
+            # Every pod removed closes its WebSockets (1001) and its clients
+            # reconnect to the others: one pod a minute spreads those waves.
+            "behavior": {"scaleDown": {"policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}]}},
+        },
     }
 
 
@@ -292,6 +413,7 @@ def redis_deployment(spec: KubeSpec) -> dict[str, Any]:
                 "fsGroup": REDIS_GROUP,
                 "seccompProfile": {"type": "RuntimeDefault"},
             },
+            "enableServiceLinks": False,  # Redis needs no Service's address in its env
             "containers": [container],
             "volumes": [{"name": "data", "emptyDir": {}}],
         },
@@ -344,23 +466,42 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
-def caveats(spec: KubeSpec) -> list[str]:
+def caveats(spec: KubeSpec, code: bytes) -> list[str]:
     """What the manifests will do that the user may not expect."""
-    if spec.management and spec.replicas > 1 and not spec.redis:
-        alone = f"the API of each of the {spec.replicas} replicas reaches only its own connections"
-        return [f"{alone}: add --with-redis or --redis URL"]
-    return []
+    found = []
+    if spec.image == DEFAULT_IMAGE:
+        found.append(
+            f"the image {DEFAULT_IMAGE} is in no registry: build deploy/Dockerfile "
+            f"(docker build -f deploy/Dockerfile -t REGISTRY/actionloop:{__version__} .), "
+            "push it where the cluster pulls from, and pass --image"
+        )
+    if spec.in_config_map and last_applied_size(config_map(spec, code)) > ANNOTATIONS_LIMIT:
+        found.append(
+            f"the ConfigMap {spec.name}-code is too big for client-side `kubectl apply` (it copies the "
+            f"object into an annotation, and annotations may hold {ANNOTATIONS_LIMIT:,} bytes): "
+            "use `kubectl apply --server-side -f -` (or `kubectl create -f -`)"
+        )
+    if spec.management and spec.several and not spec.redis:
+        alone = "the API of each replica reaches only its own connections"
+        found.append(f"{alone}: add --with-redis or --redis URL")
+    return found
 
 
 def manifests(spec: KubeSpec, code: bytes) -> list[dict[str, Any]]:
     if spec.management and not spec.api_token_secret and not spec.api_token:
         spec = replace(spec, api_token=new_token())
-    docs = [config_map(spec, code)]
+    if spec.url:
+        spec = replace(spec, code_sha256=hashlib.sha256(code).hexdigest())
+    docs = [config_map(spec, code)] if spec.in_config_map else []
     if spec.management and not spec.api_token_secret:
         docs.append(secret(spec))
     if spec.with_redis:
         docs += [redis_deployment(spec), redis_service(spec), redis_policy(spec)]
     docs += [deployment(spec), service(spec), ingress(spec)]
+    if spec.several:
+        docs.append(disruption_budget(spec))
+    if spec.autoscaled:
+        docs.append(autoscaler(spec))
     if spec.namespace:
         docs.insert(0, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": spec.namespace}})
     return docs
