@@ -344,11 +344,35 @@ class Redis:
         self.log.close()
 
 
+# Headless Chromium on these machines: as root its sandbox cannot start; the
+# rest keeps it quiet.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def browser_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A browser writes under HOME and the XDG folders: the test's own."""
+    for var in ("HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
+        folder = tmp_path / var.lower()
+        folder.mkdir()
+        monkeypatch.setenv(var, str(folder))
+
+
 NGINX_CONF = """
 daemon off;
+worker_processes 1;
+# ingress-nginx's: old workers keep their WebSockets this long after a reload.
+worker_shutdown_timeout 240s;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
-events {{ worker_connections 256; }}
+events {{ worker_connections 1024; }}
 http {{
     access_log {prefix}/access.log;
     client_body_temp_path {prefix}/client_body;
@@ -357,15 +381,21 @@ http {{
     uwsgi_temp_path {prefix}/uwsgi;
     scgi_temp_path {prefix}/scgi;
     map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+    upstream replicas {{
+{servers}
+    }}
     server {{
         listen 127.0.0.1:{port};
 {locations}
     }}
 }}
 """
-
+SERVER = "        server 127.0.0.1:{port} {fails};"
 LOCATION = """        location {path} {{
-            proxy_pass http://127.0.0.1:{upstream};
+            proxy_pass http://replicas;
+            proxy_next_upstream {retry};
+            proxy_next_upstream_tries 3;
+            proxy_connect_timeout 5s;
             proxy_http_version 1.1;
             proxy_set_header Upgrade $http_upgrade;
             proxy_set_header Connection $connection_upgrade;
@@ -373,34 +403,82 @@ LOCATION = """        location {path} {{
             proxy_read_timeout {read}s;
             proxy_send_timeout {send}s;
         }}"""
+# What the balancer does with a connect that fails: ingress-nginx tries the
+# next server and marks the failed one (nginx's own defaults); kube-proxy
+# (iptables) passes the refusal to the client and marks nothing.
+BALANCERS = {
+    "ingress": {"retry": "error timeout", "fails": "max_fails=1 fail_timeout=10s"},
+    "kube-proxy": {"retry": "off", "fails": "max_fails=0"},
+}
 
 
 class Nginx:
-    """A private nginx doing what ingress-nginx does with the generated Ingress."""
+    """A private nginx doing what ingress-nginx does with the generated Ingress,
+    over the replicas on `ports` (in turn), changed by reloads.
 
-    def __init__(self, ingress: dict[str, Any], upstream: int, prefix: Path, read_timeout: int | None = None) -> None:
+    `kind` is the balancer played (BALANCERS); `read_timeout` replaces the
+    Ingress's; `extra` are more location blocks (a static page, say).
+    """
+
+    def __init__(
+        self,
+        ingress: dict[str, Any],
+        ports: list[int],
+        prefix: Path,
+        *,
+        kind: str = "ingress",
+        read_timeout: int | None = None,
+        extra: str = "",
+    ) -> None:
         binary = need("nginx")
+        self.kind = BALANCERS[kind]
         annotations = ingress["metadata"]["annotations"]
         read = read_timeout or int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"])
         send = int(annotations["nginx.ingress.kubernetes.io/proxy-send-timeout"])
         paths = [p["path"] for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
-        locations = "\n".join(LOCATION.format(path=p, upstream=upstream, read=read, send=send) for p in paths)
+        retry = self.kind["retry"]
+        locations = [LOCATION.format(path=p, read=read, send=send, retry=retry) for p in paths]
+        self.locations = "\n".join([extra, *locations] if extra else locations)
         self.port = free_port()
+        self.prefix = prefix
         prefix.mkdir(parents=True, exist_ok=True)
         self.conf = prefix / "nginx.conf"
-        self.conf.write_text(NGINX_CONF.format(prefix=prefix, port=self.port, locations=locations))
+        self.write(ports)
         self.args = [binary, "-c", str(self.conf), "-p", f"{prefix}/", "-e", f"{prefix}/error.log"]
         self.process = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 10 * TIME_FACTOR
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1)
-                return
-            except urllib.error.HTTPError:
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("nginx did not start")
+        while not (prefix / "nginx.pid").exists() or not self.accepts():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise AssertionError(f"nginx did not start: {self.log()}")
+            time.sleep(0.05)
+
+    def accepts(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    def write(self, ports: list[int]) -> None:
+        servers = "\n".join(SERVER.format(port=port, fails=self.kind["fails"]) for port in ports)
+        conf = NGINX_CONF.format(prefix=self.prefix, port=self.port, servers=servers, locations=self.locations)
+        self.conf.write_text(conf)
+
+    def reload(self, ports: list[int]) -> None:
+        """New upstream servers: new workers take new connections, old ones keep theirs."""
+        self.write(ports)
+        subprocess.run([*self.args, "-s", "reload"], capture_output=True, check=True, timeout=10)
+
+    def log(self) -> str:
+        path = self.prefix / "error.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def refused_upstream(self) -> int:
+        """Connects to a replica refused (the ingress tried the next server)."""
+        return self.log().count("connect() failed (111: Connection refused) while connecting to upstream")
+
+    def upstream_errors(self) -> list[str]:
+        return [line for line in self.log().splitlines() if "[error]" in line and "upstream" in line]
 
     def stop(self) -> None:
         subprocess.run([*self.args, "-s", "quit"], capture_output=True, check=False, timeout=10)

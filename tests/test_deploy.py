@@ -23,7 +23,19 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 from conftest import ACTIONLOOP, EXAMPLES, ROOT, TIME_FACTOR, ask, concurrently, make_zip
-from deploy_helpers import ApiServer, Nginx, Pod, Redis, dockerfile, generate, kube, need, validate
+from deploy_helpers import (
+    CHROMIUM_ARGS,
+    ApiServer,
+    Nginx,
+    Pod,
+    Redis,
+    browser_home,
+    dockerfile,
+    generate,
+    kube,
+    need,
+    validate,
+)
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
@@ -192,7 +204,7 @@ def test_pod_drains_on_sigterm(pod: Any, tmp_path: Path) -> None:
 def test_through_nginx(pod: Any, tmp_path: Path) -> None:
     """A WebSocket conversation through nginx configured from the Ingress."""
     running = pod(EXAMPLES / "hello.py", "--path", "/hello")
-    proxy = Nginx(generate(EXAMPLES / "hello.py", "--name", "hello")["Ingress"], running.port, tmp_path / "nginx")
+    proxy = Nginx(generate(EXAMPLES / "hello.py", "--name", "hello")["Ingress"], [running.port], tmp_path / "nginx")
     try:
         with connect(f"ws://127.0.0.1:{proxy.port}/hello", open_timeout=TIMEOUT) as ws:
             for i in range(20):
@@ -207,7 +219,7 @@ def test_idle_connection_survives_nginx_timeout(pod: Any, tmp_path: Path, ping: 
     need("nginx")
     running = pod(EXAMPLES / "hello.py", "--path", "/hello", OW_WEBSOCKET_PING=ping)
     ingress = generate(EXAMPLES / "hello.py", "--name", "hello")["Ingress"]
-    proxy = Nginx(ingress, running.port, tmp_path / "nginx", read_timeout=3)
+    proxy = Nginx(ingress, [running.port], tmp_path / "nginx", read_timeout=3)
     try:
         with connect(f"ws://127.0.0.1:{proxy.port}/hello", open_timeout=TIMEOUT, ping_interval=None) as ws:
             assert ask(ws, {"name": "before"}) == {"greeting": "Hello, before!"}
@@ -221,25 +233,11 @@ def test_idle_connection_survives_nginx_timeout(pod: Any, tmp_path: Path, ping: 
         proxy.stop()
 
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
 def test_demo_page_in_chromium(pod: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Real headless Chromium opens the demo page, types a name, clicks Send, sees the greeting."""
     chromium = need("chromium")
     playwright_api = pytest.importorskip("playwright.sync_api")
-    for var in ("HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
-        folder = tmp_path / var.lower()
-        folder.mkdir()
-        monkeypatch.setenv(var, str(folder))
+    browser_home(tmp_path, monkeypatch)
     running = pod(EXAMPLES / "hello.py", "--path", "/hello", "--demo")
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)

@@ -30,7 +30,7 @@ import pytest
 import redis
 from browsers.drivers import Chromium, launched, time_limit
 from conftest import EXAMPLES, TIME_FACTOR, Server, ask, free_port
-from deploy_helpers import generate, need
+from deploy_helpers import Nginx, generate, need
 from websockets.sync.client import ClientConnection, connect
 
 TIMEOUT = 20 * TIME_FACTOR
@@ -86,79 +86,11 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-NGINX_CONF = """
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
-    upstream replicas {{
-{servers}
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        location = /chat.html {{
+# Any web server of the site serves the chat page; here, the ingress's nginx.
+CHAT_PAGE = f"""        location = /chat.html {{
             default_type text/html;
-            alias {page};
-        }}
-        location {path} {{
-            proxy_pass http://replicas;
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection $connection_upgrade;
-            proxy_set_header Host $host;
-            proxy_read_timeout {read}s;
-            proxy_send_timeout {send}s;
-        }}
-    }}
-}}
-"""
-
-
-class Ingress:
-    """A private nginx as ingress-nginx would run the generated Ingress, over a Service of two pods.
-
-    deploy_helpers.Nginx proxies to one pod; here the Service's round robin
-    sends each new connection to the next replica, and nginx also serves
-    the static chat page, as any web server of the site would.
-    """
-
-    def __init__(self, ingress: Message, replicas: list[int], prefix: Path) -> None:
-        binary = need("nginx")
-        annotations = ingress["metadata"]["annotations"]
-        (path,) = [p["path"] for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
-        prefix.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        conf = prefix / "nginx.conf"
-        conf.write_text(
-            NGINX_CONF.format(
-                prefix=prefix,
-                port=self.port,
-                servers="\n".join(f"        server 127.0.0.1:{port};" for port in replicas),
-                page=EXAMPLES / "chat.html",
-                path=path,
-                read=annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"],
-                send=annotations["nginx.ingress.kubernetes.io/proxy-send-timeout"],
-            )
-        )
-        self.args = [binary, "-c", str(conf), "-p", f"{prefix}/", "-e", f"{prefix}/error.log"]
-        self.process = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, start_new_session=True)
-        until(lambda: get(f"http://127.0.0.1:{self.port}/chat.html")[0] == 200, "nginx did not start")
-
-    def stop(self) -> None:
-        subprocess.run([*self.args, "-s", "quit"], capture_output=True, check=False, timeout=10)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            alias {EXAMPLES / "chat.html"};
+        }}"""
 
 
 def until(check: Callable[[], Any], why: str, timeout: float = TIMEOUT) -> Any:
@@ -332,7 +264,7 @@ def test_chat_across_replicas_in_chromium(start_server: Any, redis_server: Redis
         shared = {"OW_REDIS_URL": redis_server.url, "OW_WEBSOCKET_EVENTS": "1"}
         replicas = [replica(start_server, "chat.py", "/chat", HOSTNAME=f"chat-{n}", **shared) for n in range(2)]
         ingress = generate(EXAMPLES / "chat.py", "--name", "chat", "--path", "/chat")["Ingress"]
-        proxy = Ingress(ingress, [r.port for r in replicas], tmp_path / "nginx")
+        proxy = Nginx(ingress, [r.port for r in replicas], tmp_path / "nginx", extra=CHAT_PAGE)
         try:
             with launched("chromium", tmp_path / "chromium", deadline) as browser:
                 assert isinstance(browser, Chromium)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import os
 import re
 import signal
 import subprocess
@@ -47,8 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, TIME_FACTOR, free_port
-from deploy_helpers import Pod, generate, need
+from conftest import ROOT, TIME_FACTOR
+from deploy_helpers import BALANCERS, CHROMIUM_ARGS, Nginx, Pod, browser_home, generate, need
 
 from actionloop.config import Config
 
@@ -82,53 +81,6 @@ def replica_of(connection: str) -> str:
     return next((name for name in REPLICAS if connection.startswith(name + "-")), "")
 
 
-NGINX_CONF = """
-daemon off;
-worker_processes 1;
-# ingress-nginx's: old workers keep their WebSockets this long after a reload.
-worker_shutdown_timeout 240s;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
-    upstream replicas {{
-{servers}
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-{locations}
-    }}
-}}
-"""
-SERVER = "        server 127.0.0.1:{port} {fails};"
-LOCATION = """        location {path} {{
-            proxy_pass http://replicas;
-            proxy_next_upstream {retry};
-            proxy_next_upstream_tries 3;
-            proxy_connect_timeout 5s;
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection $connection_upgrade;
-            proxy_set_header Host $host;
-            proxy_read_timeout {read}s;
-            proxy_send_timeout {send}s;
-        }}"""
-# What the balancer does with a connect that fails: ingress-nginx tries the
-# next server and marks the failed one (nginx's own defaults); kube-proxy
-# (iptables) passes the refusal to the client and marks nothing.
-BALANCERS = {
-    "ingress": {"retry": "error timeout", "fails": "max_fails=1 fail_timeout=10s"},
-    "kube-proxy": {"retry": "off", "fails": "max_fails=0"},
-}
-
-
 def reconnecting_client() -> Any:
     """The README's ReconnectingClient, run from the README's own text."""
     readme = (ROOT / "README.md").read_text()
@@ -141,71 +93,6 @@ def reconnecting_client() -> Any:
 
 
 Client = reconnecting_client()
-
-
-class Balancer:
-    """A private nginx proxying the Ingress's paths to a list of replicas, changed by reloads."""
-
-    def __init__(self, ingress: dict[str, Any], prefix: Path, ports: list[int], kind: str) -> None:
-        binary = need("nginx")
-        self.kind = BALANCERS[kind]
-        annotations = ingress["metadata"]["annotations"]
-        read = int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"])
-        send = int(annotations["nginx.ingress.kubernetes.io/proxy-send-timeout"])
-        paths = [p["path"] for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
-        self.locations = "\n".join(
-            LOCATION.format(path=p, read=read, send=send, retry=self.kind["retry"]) for p in paths
-        )
-        self.port = free_port()
-        self.prefix = prefix
-        prefix.mkdir(parents=True, exist_ok=True)
-        self.conf = prefix / "nginx.conf"
-        self.write(ports)
-        self.args = [binary, "-c", str(self.conf), "-p", f"{prefix}/", "-e", f"{prefix}/error.log"]
-        self.process = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 10 * TIME_FACTOR
-        while not (prefix / "nginx.pid").exists() or not self.accepts():
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise AssertionError(f"nginx did not start: {self.log()}")
-            time.sleep(0.05)
-
-    def accepts(self) -> bool:
-        import socket
-
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-        except OSError:
-            return False
-        return True
-
-    def write(self, ports: list[int]) -> None:
-        servers = "\n".join(SERVER.format(port=port, fails=self.kind["fails"]) for port in ports)
-        conf = NGINX_CONF.format(prefix=self.prefix, port=self.port, servers=servers, locations=self.locations)
-        self.conf.write_text(conf)
-
-    def reload(self, ports: list[int]) -> None:
-        """New upstream servers: new workers take new connections, old ones keep theirs."""
-        self.write(ports)
-        subprocess.run([*self.args, "-s", "reload"], capture_output=True, check=True, timeout=10)
-
-    def log(self) -> str:
-        path = self.prefix / "error.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def refused_upstream(self) -> int:
-        """Connects to a replica refused (the ingress tried the next server)."""
-        return self.log().count("connect() failed (111: Connection refused) while connecting to upstream")
-
-    def upstream_errors(self) -> list[str]:
-        return [line for line in self.log().splitlines() if "[error]" in line and "upstream" in line]
-
-    def stop(self) -> None:
-        subprocess.run([*self.args, "-s", "quit"], capture_output=True, check=False, timeout=10)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
 
 
 async def ready(port: int) -> bool:
@@ -227,7 +114,7 @@ async def ready(port: int) -> bool:
 class Endpoints:
     """Kubernetes' endpoints, played: the ready pods reach nginx PROPAGATION s after they change."""
 
-    def __init__(self, pods: dict[str, Pod], balancer: Balancer) -> None:
+    def __init__(self, pods: dict[str, Pod], balancer: Nginx) -> None:
         self.pods = pods
         self.balancer = balancer
         self.seen = sorted(pods)
@@ -344,7 +231,7 @@ async def rollout(tmp_path: Path, env: dict[str, str], kind: str) -> Counts:
     docs = generate(action, "--name", "hello", "--path", PATH)
     pods: dict[str, Pod] = {}
     tasks: list[asyncio.Task[Any]] = []
-    balancer: Balancer | None = None
+    balancer: Nginx | None = None
     counts = Counts()
     sigterm = 0.0
 
@@ -356,7 +243,7 @@ async def rollout(tmp_path: Path, env: dict[str, str], kind: str) -> Counts:
     try:
         await in_thread(lambda: start("replica-1"))
         await in_thread(lambda: start("replica-2"))
-        balancer = Balancer(docs["Ingress"], tmp_path / "nginx", [pods[n].port for n in sorted(pods)], kind)
+        balancer = Nginx(docs["Ingress"], [pods[n].port for n in sorted(pods)], tmp_path / "nginx", kind=kind)
         endpoints = Endpoints(pods, balancer)
         tasks.append(asyncio.create_task(endpoints.watch()))
         url = f"ws://127.0.0.1:{balancer.port}{PATH}"
@@ -418,7 +305,7 @@ def served_after(served_by: list[tuple[float, str]], since: float) -> int:
     return sum(when >= since and replica_of(connection) == "replica-1" for when, connection in served_by)
 
 
-def stop_all(pods: dict[str, Pod], balancer: Balancer | None) -> None:
+def stop_all(pods: dict[str, Pod], balancer: Nginx | None) -> None:
     for pod in pods.values():  # all at once; the second SIGTERM of stop() ends the delay
         if pod.process.poll() is None:
             pod.process.send_signal(signal.SIGTERM)
@@ -428,7 +315,7 @@ def stop_all(pods: dict[str, Pod], balancer: Balancer | None) -> None:
         balancer.stop()
 
 
-def count_logs(counts: Counts, pods: dict[str, Pod], balancer: Balancer | None, sigterm: float) -> None:
+def count_logs(counts: Counts, pods: dict[str, Pod], balancer: Nginx | None, sigterm: float) -> None:
     """What the pods' and nginx's logs say."""
     ran: collections.Counter[tuple[int, int]] = collections.Counter()
     for pod in pods.values():
@@ -553,7 +440,7 @@ def pair(tmp_path: Path) -> Any:
     try:
         for name in ("replica-1", "replica-2"):
             pods[name] = Pod(docs, tmp_path / name, HOSTNAME=name, OW_DRAIN_DELAY="0").wait_ready()
-        balancer = Balancer(docs["Ingress"], tmp_path / "nginx", [pod.port for pod in pods.values()], "ingress")
+        balancer = Nginx(docs["Ingress"], [pod.port for pod in pods.values()], tmp_path / "nginx")
         yield pods, balancer
     finally:
         stop_all(pods, balancer)
@@ -591,25 +478,11 @@ async def three_slow_messages(url: str, pods: dict[str, Pod]) -> list[dict[str, 
     return replies
 
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
 def test_demo_page_reconnects_and_sends_again(pair: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Real Chromium on the demo page: its replica is terminated with messages waiting; it reconnects and each is answered once."""
     chromium = need("chromium")
     playwright_api = pytest.importorskip("playwright.sync_api")
-    for var in ("HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
-        folder = tmp_path / var.lower()
-        folder.mkdir()
-        monkeypatch.setenv(var, str(folder))
+    browser_home(tmp_path, monkeypatch)
     pods, balancer = pair
     received: list[dict[str, Any]] = []
     sockets: list[Any] = []

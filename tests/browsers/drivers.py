@@ -30,22 +30,12 @@ from typing import Any, NoReturn, Protocol
 
 import pytest
 from conftest import TIME_FACTOR, free_port
-from deploy_helpers import REQUIRE_SYSTEM
+from deploy_helpers import CHROMIUM_ARGS, REQUIRE_SYSTEM
 
 HERE = Path(__file__).resolve().parent
 MINIBROWSER = Path("/usr/lib/x86_64-linux-gnu/webkit2gtk-4.1/MiniBrowser")
 # One step (a page load, a wait) never takes longer than this, nor past the deadline.
 STEP = 20 * TIME_FACTOR
-# As tests/test_deploy.py: as root the sandbox cannot start; the rest keeps Chromium quiet.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 class Deadline:
