@@ -41,6 +41,7 @@ class Files(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.answers: dict[str, list[tuple[int, bytes | None]]] = {}
         self.requests: list[str] = []
+        self.no_length: set[str] = set()  # these bodies end when the connection does
 
     def url(self, path: str, scheme: str = "http") -> str:
         return f"{scheme}://127.0.0.1:{self.server_address[1]}{path}"
@@ -54,7 +55,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         answers = self.server.answers.get(self.path, [(404, b"no such file")])
         status, body = answers.pop(0) if len(answers) > 1 else answers[0]
         self.send_response(status)
-        self.send_header("Content-Length", str(len(body) if body is not None else 1000))
+        if self.path not in self.server.no_length:
+            self.send_header("Content-Length", str(len(body) if body is not None else 1000))
         self.end_headers()
         self.wfile.write(body if body is not None else b"only this")
 
@@ -244,12 +246,27 @@ def test_not_found_fails_without_retry(tmp_path: Path, files: Files) -> None:
     assert status == 1 and "HTTP 404" in log and files.requests == ["/missing.zip"]
 
 
-def test_download_bounded_by_max_archive(tmp_path: Path, files: Files) -> None:
-    """A body over OW_MAX_ARCHIVE is refused, not held."""
+@pytest.mark.parametrize("length", [True, False])
+def test_download_bounded_by_max_archive(tmp_path: Path, files: Files, length: bool) -> None:
+    """A body over OW_MAX_ARCHIVE is refused, not held, whether its length is announced or not."""
     files.answers["/hello.py"] = [(200, HELLO)]
+    if not length:
+        files.no_length.add("/hello.py")
     env = {"OW_AUTOINIT": files.url("/hello.py"), "OW_AUTOINIT_SHA256": sha256(HELLO), "OW_MAX_ARCHIVE": "100"}
     status, log = fails(tmp_path, env)
     assert status == 1 and "over OW_MAX_ARCHIVE" in log
+
+
+def test_body_without_a_length(tmp_path: Path, files: Files) -> None:
+    """A body that ends with its connection (no Content-Length) is read to its end."""
+    files.answers["/hello.py"] = [(200, HELLO)]
+    files.no_length.add("/hello.py")
+    child, port = start(tmp_path, {"OW_AUTOINIT": files.url("/hello.py"), "OW_AUTOINIT_SHA256": sha256(HELLO)})
+    try:
+        for ws in serving(child, port):
+            assert ask(ws, {"name": "stream"}) == {"greeting": "Hello, stream!"}
+    finally:
+        stop(child)
 
 
 def test_file_checked_too(tmp_path: Path) -> None:
