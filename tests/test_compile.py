@@ -1,23 +1,29 @@
 """`actionloop -compile MAIN` with a `requirements.txt`: the virtualenv is
 built by pip from a local wheel folder (no network), and the prepared zip
-runs on a real runtime; a requirement pip cannot find fails loudly.
+runs on a real runtime; it holds neither pip nor stale bytecode; a
+requirement pip cannot find fails loudly.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.metadata
 import io
 import stat
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
 
-from conftest import ACTIONLOOP, IMAGE_ENV, TIME_FACTOR, b64, clean_env, make_zip
+from conftest import ACTIONLOOP, IMAGE_ENV, ROOT, TIME_FACTOR, b64, clean_env, free_port, make_zip
 
-# pip builds a virtualenv, with pip itself in it: seconds, more on one slow CPU.
+# pip builds a virtualenv: seconds, more on one slow CPU (a minute with ensurepip).
 TIMEOUT = 120 * TIME_FACTOR
+# The prepared zip of test_compile_installs_requirements: 8.2 MB while the
+# virtualenv had pip and setuptools in it, 20 KB since.
+SMALL_ZIP = 64 * 1024
 
 USES_TINYDEP = """\
 import tinydep
@@ -81,6 +87,9 @@ def test_compile_installs_requirements(start_server: Any, tmp_path: Path) -> Non
     )
     assert "requirements.txt" in names and not links
     assert not any(n.startswith("virtualenv/bin/python") for n in names)
+    # Only what requirements.txt asked for: it fits a ConfigMap (1 MiB) with room to spare.
+    assert not any(f"site-packages/{tool}/" in n for n in names for tool in ("pip", "setuptools"))
+    assert len(done.stdout) < SMALL_ZIP, len(done.stdout)
 
     server = start_server(IMAGE_ENV)
     assert server.init(b64(done.stdout), binary=True) == (200, {"ok": True})
@@ -132,3 +141,121 @@ def test_init_installs_requirements_too(start_server: Any, tmp_path: Path) -> No
     assert server.init(b64(good), binary=True) == (200, {"ok": True})
     status, body = server.run({"name": "Ann"})
     assert status == 200 and body["said"] == "tinydep 1.0 greets Ann"
+
+
+def test_compile_ignores_what_the_runtime_has(tmp_path: Path) -> None:
+    """A requirement the runtime's own environment satisfies still lands in the action's virtualenv."""
+    # The runtime's own pip installs: it must look at the new virtualenv, not
+    # at its own site-packages, where aiohttp has put multidict.
+    assert importlib.metadata.version("multidict") != "0.0.1"
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    build_wheel(wheels, "multidict", "0.0.1")
+    source = make_zip(
+        {"__main__.py": "import multidict\ndef main(args):\n    return {}\n", "requirements.txt": "multidict\n"}
+    )
+    done = compile_action(source, wheels, tmp_path)
+    assert done.returncode == 0, done.stderr.decode()
+    with zipfile.ZipFile(io.BytesIO(done.stdout)) as prepared:
+        names = prepared.namelist()
+    assert any(n.endswith("site-packages/multidict-0.0.1.dist-info/METADATA") for n in names)
+
+
+def test_build_virtualenv_without_the_runtimes_pip(tmp_path: Path) -> None:
+    """A runtime Python with no pip of its own puts pip in the virtualenv and installs with that."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    build_wheel(wheels)
+    action = tmp_path / "action"
+    action.mkdir()
+    (action / "requirements.txt").write_text("tinydep==1.0\n")
+    # -S: no site-packages, so no pip; the package from its source folder.
+    code = "import sys; from pathlib import Path; from actionloop.prepare import build_virtualenv as b; b(Path(sys.argv[1]))"
+    env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels), "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", code, str(action)],
+        capture_output=True,
+        check=False,
+        env=clean_env(env),
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    packages = list((action / "virtualenv").glob("lib/python3.*/site-packages"))
+    assert len(packages) == 1
+    assert (packages[0] / "tinydep" / "__init__.py").is_file() and (packages[0] / "pip").is_dir()
+
+
+# Records every source that Python compiles from here on, so the action can
+# say whether its dependency, its own module and the launcher needed it.
+CHECKS_BYTECODE = """\
+import sys
+
+compiled = []
+
+
+def audit(event, args):
+    if event == "compile" and isinstance(args[1], str):
+        compiled.append(args[1])
+
+
+sys.addaudithook(audit)
+import importlib.machinery
+import os
+
+import tinydep
+
+
+def main(args):
+    here = os.path.dirname(__file__)
+    # The check an import makes, for the two modules imported before the hook.
+    for name in ("__main__", "actionloop_launcher"):
+        importlib.machinery.SourceFileLoader(name, os.path.join(here, name + ".py")).get_code(name)
+    return {"compiled": compiled, "dont_write": sys.flags.dont_write_bytecode, "said": tinydep.hello("B")}
+"""
+
+
+def pyc_flags(data: bytes) -> int:
+    """The flags word of a .pyc header (PEP 552): 0 timestamp, 0b11 checked hash."""
+    return int.from_bytes(data[4:8], "little")
+
+
+def test_compiled_bytecode_survives_unpack(start_server: Any, tmp_path: Path) -> None:
+    """The zip's bytecode is checked by hash, so after an unpack (new file times) nothing is compiled again."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    build_wheel(wheels)
+    source = make_zip({"__main__.py": CHECKS_BYTECODE, "requirements.txt": "tinydep==1.0\n"})
+    done = compile_action(source, wheels, tmp_path)
+    assert done.returncode == 0, done.stderr.decode()
+    with zipfile.ZipFile(io.BytesIO(done.stdout)) as prepared:
+        flags = {n: pyc_flags(prepared.read(n)) for n in prepared.namelist() if n.endswith(".pyc")}
+    assert any("/site-packages/tinydep/__pycache__/" in n for n in flags)
+    assert f"__pycache__/__main__.{sys.implementation.cache_tag}.pyc" in flags
+    assert set(flags.values()) == {0b11}, flags
+
+    # As in the image: Python saves no bytecode, so a stale .pyc stays stale.
+    server = start_server({**IMAGE_ENV, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert server.init(b64(done.stdout), binary=True) == (200, {"ok": True})
+    assert server.run({}) == (200, {"compiled": [], "dont_write": 1, "said": "tinydep 1.0 greets B"})
+
+
+def test_autoinit_pip_failure_is_one_line(tmp_path: Path) -> None:
+    """An auto-init whose requirements.txt cannot be installed: pip's reason in the one log line, exit non-zero."""
+    action = tmp_path / "action.zip"
+    action.write_bytes(make_zip({"__main__.py": USES_TINYDEP, "requirements.txt": "no-such-requirement==1.0\n"}))
+    # Without OW_LOG_INIT_ERROR, which logs the reason as the action's own lines first.
+    env = {"OW_WEBSOCKET": "/hello", "OW_AUTOINIT": str(action), "OW_WAIT_FOR_ACK": "1"}
+    done = subprocess.run(
+        [ACTIONLOOP, "--port", str(free_port())],
+        cwd=tmp_path,
+        env=clean_env({**env, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path)}),
+        capture_output=True,
+        check=False,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode != 0
+    lines = done.stderr.decode().splitlines()
+    mentions = [line for line in lines if "auto-init" in line]
+    assert len(mentions) == 1 and str(action) in mentions[0], lines
+    assert "pip exited with status 1; " in mentions[0]
+    assert [line for line in lines if "No matching distribution found" in line] == mentions, lines

@@ -25,7 +25,7 @@ from .listener import Endpoints, listen
 from .prepare import prepare
 from .process import adopt_orphans, sweep_orphans
 from .runtime import Runtime, log
-from .watch import Watcher
+from .watch import Watcher, one_line
 from .websocket import Sockets, drain
 
 if TYPE_CHECKING:  # imported where used: a pod started with env only needs neither
@@ -411,7 +411,7 @@ async def serve_runtime(runtime: Runtime, announce: bool, read_from: str) -> int
             await runtime.autoinit(read_from or config.autoinit, config.autoinit_main, config.autoinit_sha256)
         except ActionLoopError as exc:
             # Loud, so Kubernetes shows a failing pod (SPEC.md part C).
-            log(f"actionloop: auto-init from {config.autoinit} failed: {exc.message}")
+            log(f"actionloop: auto-init from {config.autoinit} failed: {one_line(exc.message)}")
             return 1
     if config.redis_url:
         from .bus import RedisBus  # redis is needed only here
