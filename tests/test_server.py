@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from conftest import ACTIONLOOP, EXAMPLES, IMAGE_ENV, TIME_FACTOR, b64, check_streams, clean_env, make_zip
+from conftest import ACTIONLOOP, EXAMPLES, IMAGE_ENV, TIME_FACTOR, b64, check_streams, clean_env, concurrently, make_zip
 
 BASH_ECHO = (
     '#!/bin/bash\n[ -n "$__OW_WAIT_FOR_ACK" ] && echo \'{"ok": true}\' >&3\nwhile read -r l; do echo "$l" >&3; done\n'
@@ -209,3 +209,24 @@ def test_max_result_on_every_line(start_server: Any) -> None:
     assert server.run({"size": 200_000})[0] == 502  # over the limit in several reads too
     status, last = server.run({})
     assert status == 200 and last["pid"] == small["pid"]
+
+
+def test_concurrent_inits_with_requirements_in_debug_mode(start_server: Any, tmp_path: Path) -> None:
+    """60 /init at once, 6 by 6, in debug mode, each running pip in a thread while
+    the previous action's processes stop: every one succeeds.
+
+    A stopped process's result pipe was closed twice under uvloop (by libuv,
+    then through its file object), and the second close could hit a pipe that
+    pip's thread had just been given: 4 to 9 in 60 failed with EBADF.
+    """
+    from test_compile import USES_TINYDEP, build_wheel
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    build_wheel(wheels)
+    server = start_server({"OW_DEBUG": "1", "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)})
+    code = b64(make_zip({"__main__.py": USES_TINYDEP, "requirements.txt": "tinydep==1.0\n"}))
+    answers: list[tuple[int, Any]] = []
+    for _ in range(10):
+        concurrently(6, lambda _: answers.append(server.init(code, binary=True)))
+    assert answers == [(200, {"ok": True})] * 60

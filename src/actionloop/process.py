@@ -28,7 +28,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 from . import protocol
 from .core import DEPTH, NOT_STARTED, LineProtocol, Outcome, Phase
@@ -196,6 +196,20 @@ def spawn(exec_path: Path, env: Mapping[str, str]) -> tuple[subprocess.Popen[byt
     return child, stdin_w, results_r
 
 
+def pipe_file(fd: int, loop: asyncio.AbstractEventLoop) -> IO[bytes]:
+    """A file object for connect_read_pipe, so that `fd` is closed exactly once.
+
+    uvloop (0.23, handles/handle.pyx `_close`) closes the descriptor itself,
+    through libuv, then closes the file object it was given, ignoring EBADF.
+    In between, another thread (pip or a compiler preparing an action, in
+    asyncio.to_thread) may have been given that very number, and loses it:
+    seen as "[Errno 9] Bad file descriptor" from a concurrent /init. So under
+    uvloop the file object does not own the descriptor; asyncio's own loop
+    closes it only through the file object, which then must.
+    """
+    return os.fdopen(fd, "rb", 0, closefd=not type(loop).__module__.startswith("uvloop"))
+
+
 class ResultPipe(asyncio.Protocol):
     """Our end of the action's fd 3: every byte goes to the process's conversation."""
 
@@ -280,7 +294,7 @@ class ActionProcess:
         self._exited = loop.create_future()
         self._ready = loop.create_future()
         self._watch_exit(loop)
-        await loop.connect_read_pipe(lambda: self._results, os.fdopen(results_r, "rb", 0))
+        await loop.connect_read_pipe(lambda: self._results, pipe_file(results_r, loop))
         os.set_blocking(stdin_w, False)
         self._stdin = stdin_w
         try:
