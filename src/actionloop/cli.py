@@ -23,7 +23,7 @@ from .config import Config, add_flags, flag_values, from_env
 from .errors import ActionLoopError
 from .listener import Endpoints, listen
 from .prepare import prepare
-from .process import adopt_orphans, sweep_orphans
+from .reaper import adopt_orphans, sweep_orphans
 from .runtime import Runtime, log
 from .watch import Watcher, one_line
 from .websocket import Sockets, drain

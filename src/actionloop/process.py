@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, TypeVar
 
-from . import protocol
+from . import protocol, reaper
 from .core import DEPTH, NOT_STARTED, LineProtocol, Outcome, Phase
 from .errors import ActionExited, ActionLoopError, ActionTimeout, StartError
 
@@ -69,92 +69,6 @@ TRANSITIONS = {
 
 def _nothing() -> None:
     return None
-
-
-# The pids of the action processes now running (see sweep_orphans).
-_running: set[int] = set()
-PR_SET_CHILD_SUBREAPER = 36
-SWEEP_DELAY = 0.2
-
-
-def adopt_orphans() -> None:
-    """Become the reaper of our descendants' orphans (Linux prctl).
-
-    An action's child that leaves the process group (setsid) escapes
-    killpg; when its parent dies it is handed to us instead of to init, so
-    sweep_orphans can stop it. Call once, at start-up.
-    """
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-
-def _children() -> dict[int, list[int]]:
-    """Each process's children, from the parent pids in /proc."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as stat:
-                parent = int(stat.read().rpartition(b")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile
-        children.setdefault(parent, []).append(int(name))
-    return children
-
-
-def _descendants(root: int, children: dict[int, list[int]]) -> list[int]:
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _kill(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-_sweep: list[asyncio.TimerHandle] = []  # the sweep due, if one is
-
-
-def sweep_soon(loop: asyncio.AbstractEventLoop) -> None:
-    """A sweep shortly: processes ending together (connections closing in
-    `connection` mode) share one scan of /proc instead of one each."""
-    if not _sweep:
-        _sweep.append(loop.call_later(SWEEP_DELAY, _swept))
-
-
-def _swept() -> None:
-    _sweep.clear()
-    sweep_orphans()
-
-
-def sweep_orphans() -> None:
-    """Kill the processes we adopted (children of ours that are no running
-    action process) and everything below them; reap those that have died.
-
-    Children in our own process group are ours on purpose (an OW_COMPILER
-    run): an adopted orphan comes from an action's group or its own session.
-    """
-    children = _children()
-    for pid in children.get(os.getpid(), ()):
-        try:
-            if pid in _running or os.getpgid(pid) == os.getpgrp():
-                continue
-        except ProcessLookupError:
-            continue
-        _kill([pid, *_descendants(pid, children)])
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
 
 
 def _above_stdio(fd: int) -> int:
@@ -290,7 +204,7 @@ class ActionProcess:
         except OSError as exc:
             self._become(State.DEAD)
             raise StartError(str(exc)) from exc
-        _running.add(self._child.pid)
+        reaper.running.add(self._child.pid)
         self._exited = loop.create_future()
         self._ready = loop.create_future()
         self._watch_exit(loop)
@@ -313,8 +227,8 @@ class ActionProcess:
             os.close(pidfd)
             assert self._child is not None and self._exited is not None
             self.returncode = self._child.wait()
-            _running.discard(self._child.pid)
-            sweep_soon(loop)  # what it left behind outside its process group
+            reaper.running.discard(self._child.pid)
+            reaper.sweep_soon(loop)  # what it left behind outside its process group
             if self.state is not State.STOPPED:
                 self._become(State.DEAD)
             self._exited.set_result(None)
@@ -518,7 +432,7 @@ class ActionProcess:
             # Also reaches grandchildren left behind by a process that exited,
             # and those that left its process group (setsid) while it lives.
             if self.returncode is None:
-                _kill(_descendants(self._child.pid, _children()) if self._child else [])
+                reaper.kill(reaper.descendants(self._child.pid, reaper.children()) if self._child else [])
             self._signal(signal.SIGKILL)
             await self._exited
         self._stop_writing()
