@@ -411,7 +411,7 @@ async def serve_runtime(runtime: Runtime, announce: bool, read_from: str) -> int
             await runtime.autoinit(read_from or config.autoinit, config.autoinit_main, config.autoinit_sha256)
         except ActionLoopError as exc:
             # Loud, so Kubernetes shows a failing pod (SPEC.md part C).
-            log(f"actionloop: auto-init from {config.autoinit} failed: {one_line(exc.message)}")
+            log(f"actionloop: auto-init from {source.shown(config.autoinit)} failed: {one_line(exc.message)}")
             return 1
     if config.redis_url:
         from .bus import RedisBus  # redis is needed only here

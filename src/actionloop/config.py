@@ -133,7 +133,9 @@ class Config:
     def _check_autoinit(self) -> None:
         """Code from a URL runs only if it is the code expected (source.py)."""
         if "://" in self.autoinit and not self.autoinit.startswith(("https://", "http://")):
-            raise ValueError(f"OW_AUTOINIT={self.autoinit!r}: a file path, or an https:// or http:// URL")
+            from .source import shown  # never a URL's credential in a message
+
+            raise ValueError(f"OW_AUTOINIT={shown(self.autoinit)!r}: a file path, or an https:// or http:// URL")
         if self.autoinit_sha256 and not re.fullmatch(r"[0-9a-fA-F]{64}", self.autoinit_sha256):
             raise ValueError(f"OW_AUTOINIT_SHA256={self.autoinit_sha256!r}: not a sha256 (64 hex digits)")
         if self.autoinit.startswith(("https://", "http://")) and not self.autoinit_sha256:

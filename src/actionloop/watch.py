@@ -127,7 +127,7 @@ class Watcher:
         try:
             await self.check(force)
         except Exception as exc:  # noqa: BLE001 - one failed check must not end the watch
-            log(f"actionloop: checking {self.path} for a new version failed: {exc!r}")
+            log(f"actionloop: checking {source.shown(self.path)} for a new version failed: {exc!r}")
 
     async def check(self, force: bool = False) -> None:
         """One poll: cheap when nothing moved; an update when the bytes are new."""
@@ -153,8 +153,9 @@ class Watcher:
             self._failed(exc.message)
             return
         self.runtime.metrics.updated(ok=True)
-        log(f"actionloop: action updated from {self.path} (sha256 {digest})")
+        log(f"actionloop: action updated from {source.shown(self.path)} (sha256 {digest})")
 
     def _failed(self, reason: str) -> None:
         self.runtime.metrics.updated(ok=False)
-        log(f"actionloop: update from {self.path} failed: {one_line(reason)}; the previous version keeps serving")
+        where = source.shown(self.path)
+        log(f"actionloop: update from {where} failed: {one_line(reason)}; the previous version keeps serving")
