@@ -259,3 +259,122 @@ def test_autoinit_pip_failure_is_one_line(tmp_path: Path) -> None:
     assert len(mentions) == 1 and str(action) in mentions[0], lines
     assert "pip exited with status 1; " in mentions[0]
     assert [line for line in lines if "No matching distribution found" in line] == mentions, lines
+
+
+# The runtime's own secrets, in every form its environment holds them.
+SECRETS = {
+    "OW_API_TOKEN": "api-token-6d1f",
+    "OW_WEBSOCKET_TOKEN": "ws-token-93ab",
+    "OW_REDIS_URL": "redis://:redis-password-7c2e@127.0.0.1:1/0",
+    "__OW_API_KEY": "ow-key-51d0",
+    "ACTIONLOOP_PRIVATE": "private-0e8a",
+}
+READS_ENVIRON = make_zip(
+    {"__main__.py": "def main(args):\n    return {}\n", "requirements.txt": "-r /proc/self/environ\n"}
+)
+
+
+def assert_no_secret(text: str) -> None:
+    leaked = [key for key, value in SECRETS.items() if value in text or "7c2e" in text]
+    assert not leaked, text
+
+
+def test_pip_gets_no_runtime_secret_at_compile(tmp_path: Path) -> None:
+    """`-r /proc/self/environ`: pip echoes its environment, which holds none of the runtime's variables."""
+    done = subprocess.run(
+        [ACTIONLOOP, "-compile", "main"],
+        input=READS_ENVIRON,
+        capture_output=True,
+        check=False,
+        env=clean_env({**SECRETS, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path)}),
+        cwd=tmp_path,
+        timeout=TIMEOUT,
+    )
+    err = done.stderr.decode()
+    assert done.returncode == 1 and "Invalid requirement" in err and "PIP_NO_INDEX=1" in err, err
+    assert_no_secret(err)
+
+
+def test_pip_gets_no_runtime_secret_at_init(start_server: Any, tmp_path: Path) -> None:
+    """The same at /init: the 502 shows pip's environment, not the runtime's secrets."""
+    env = {**SECRETS, "OW_API_PORT": str(free_port()), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path)}
+    env.pop("OW_REDIS_URL")  # a runtime with it would need a Redis; pip's side is the same
+    server = start_server(env)
+    value = {"code": b64(READS_ENVIRON), "main": "main", "binary": True}
+    status, body = server.post(f"/init?token={SECRETS['OW_WEBSOCKET_TOKEN']}", {"value": value})
+    assert status == 502 and "Invalid requirement" in body["error"] and "PIP_FIND_LINKS=" in body["error"], body
+    assert_no_secret(body["error"] + server.err())
+
+
+# A local package whose build backend is its own (PEP 517 backend-path), so
+# pip builds it, editable or not, with nothing to download.
+LOCAL_PYPROJECT = """\
+[build-system]
+requires = []
+build-backend = "backend"
+backend-path = ["."]
+"""
+LOCAL_BACKEND = """\
+import base64, hashlib, os, zipfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+INFO = "tinylocal-1.0.dist-info"
+
+
+def _wheel(directory, files):
+    files = {
+        **files,
+        INFO + "/METADATA": b"Metadata-Version: 2.1\\nName: tinylocal\\nVersion: 1.0\\n",
+        INFO + "/WHEEL": b"Wheel-Version: 1.0\\nGenerator: backend\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n",
+    }
+    record = []
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(data)}")
+    files[INFO + "/RECORD"] = ("\\n".join([*record, INFO + "/RECORD,,"]) + "\\n").encode()
+    name = "tinylocal-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(os.path.join(directory, name), "w") as wheel:
+        for path, data in files.items():
+            wheel.writestr(path, data)
+    return name
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    with open(os.path.join(HERE, "tinylocal.py"), "rb") as source:
+        return _wheel(wheel_directory, {"tinylocal.py": source.read()})
+
+
+def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
+    # As an editable install does: a .pth naming the source folder.
+    return _wheel(wheel_directory, {"tinylocal_editable.pth": HERE.encode() + b"\\n"})
+"""
+USES_TINYLOCAL = "import tinylocal\n\ndef main(args):\n    return {'said': tinylocal.SAID}\n"
+
+
+def local_package_action(requirement: str) -> bytes:
+    return make_zip(
+        {
+            "__main__.py": USES_TINYLOCAL,
+            "requirements.txt": requirement + "\n",
+            "tinylocal/pyproject.toml": LOCAL_PYPROJECT,
+            "tinylocal/backend.py": LOCAL_BACKEND,
+            "tinylocal/tinylocal.py": "SAID = 'local'\n",
+        }
+    )
+
+
+def test_editable_install_refused(start_server: Any, tmp_path: Path) -> None:
+    """`-e ./pkg` fails -compile (it would point at the deleted build folder); `./pkg` installs and runs."""
+    done = compile_action(local_package_action("-e ./tinylocal"), tmp_path, tmp_path)
+    err = done.stderr.decode()
+    assert done.returncode == 1 and done.stdout == b"", err
+    assert err.startswith(
+        "requirements.txt: `-e` (editable) installs point outside the action and cannot be moved;"
+        " list the path without -e (tinylocal-1.0.dist-info)"
+    ), err
+
+    done = compile_action(local_package_action("./tinylocal"), tmp_path, tmp_path)
+    assert done.returncode == 0, done.stderr.decode()
+    server = start_server(IMAGE_ENV)
+    assert server.init(b64(done.stdout), binary=True) == (200, {"ok": True})
+    assert server.run({}) == (200, {"said": "local"})

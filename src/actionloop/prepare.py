@@ -16,6 +16,8 @@ one: PYTHONDONTWRITEBYTECODE). A hash stays true as long as the source does.
 
 from __future__ import annotations
 
+import json
+import os
 import py_compile
 import shutil
 import subprocess
@@ -43,6 +45,14 @@ OUTPUT_LINES = 20
 BYTECODE = py_compile.PycInvalidationMode.CHECKED_HASH
 # `pip --python`: the runtime's pip installs into another environment.
 PIP_PYTHON_OPTION = (22, 3)
+# The runtime's own variables, kept from the build steps: they hold its
+# secrets (OW_API_TOKEN, OW_WEBSOCKET_TOKEN, OW_REDIS_URL's password, the
+# __OW_ keys), and pip echoes what it reads (`-r /proc/self/environ` puts the
+# environment in its error, hence in a 502 or -compile's stderr).
+PRIVATE_ENV = ("OW_", "__OW_", "ACTIONLOOP_")
+EDITABLE = (
+    "requirements.txt: `-e` (editable) installs point outside the action and cannot be moved; list the path without -e"
+)
 
 STUB = """#!{python}
 # Written by actionloop: runs the entry point of __main__.py in the
@@ -153,13 +163,31 @@ def build_virtualenv(folder: Path) -> None:
     python = str(venv / "bin" / "python")
     pip = [sys.executable, "-m", "pip", "--python", python] if own_pip else [python, "-m", "pip"]
     # pip reads its settings (PIP_INDEX_URL, PIP_FIND_LINKS, PIP_NO_INDEX...)
-    # from the environment we pass on whole; it runs in the action's folder,
-    # so paths in requirements.txt are the action's own. Its bytecode would
-    # be time-stamped: _compile_packages saves it instead.
+    # from the environment, which it gets but for PRIVATE_ENV; it runs in the
+    # action's folder, so paths in requirements.txt are the action's own. Its
+    # bytecode would be time-stamped: _compile_packages saves it instead.
     options = ["--no-input", "--disable-pip-version-check", "--no-compile"]
     _build_step([*pip, "install", *options, "-r", REQUIREMENTS], folder, f"cannot install {REQUIREMENTS}: pip")
+    _refuse_editable(venv)
     _compile_packages(venv)
     _drop_links(venv)
+
+
+def _refuse_editable(venv: Path) -> None:
+    """An editable install (`-e ./pkg`) points at the folder it was built in,
+    which -compile deletes and no unpack recreates: refuse it here rather than
+    let the action fail at its import. pip marks one in direct_url.json
+    (PEP 610, `dir_info.editable`); setuptools leaves `__editable__*` files."""
+    found = [path.name for path in venv.glob("lib/python3*/site-packages/__editable__*")]
+    for record in venv.glob("lib/python3*/site-packages/*.dist-info/direct_url.json"):
+        try:
+            editable = json.loads(record.read_text()).get("dir_info", {}).get("editable", False)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if editable is True:
+            found.append(record.parent.name)
+    if found:
+        raise PrepareError(f"{EDITABLE} ({', '.join(sorted(found))})")
 
 
 def _has_pip_python_option() -> bool:
@@ -195,10 +223,12 @@ def _compile_packages(venv: Path) -> None:
 def _build_step(command: list[str], folder: Path, failure: str) -> None:
     """Run one step; if it fails, a PrepareError: `failure` and the exit
     status on the first line, then the end of the step's output."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(PRIVATE_ENV)}
     try:
         done = subprocess.run(
             command,
             cwd=folder,
+            env=env,
             stdin=subprocess.DEVNULL,  # nothing may wait for a user who is not there
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
