@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import stat
 import subprocess
 import tarfile
@@ -219,6 +220,26 @@ def test_zip_symlink_refused(tmp_path: Path, dest: Path) -> None:
     with pytest.raises(PrepareError, match="'link' is a symbolic link"):
         archive.unpack(zip_with_symlink(), True, dest, LIMIT)
     assert_untouched(tmp_path, dest)
+
+
+@pytest.mark.skipif(shutil.which("zip") is None, reason="needs the zip command")
+def test_zip_y_link_refused_with_a_hint(tmp_path: Path, dest: Path) -> None:
+    """`zip -ry` keeps a virtualenv's links: refused, saying to zip without -y, which then unpacks."""
+    action = tmp_path / "action"
+    (action / "virtualenv" / "lib").mkdir(parents=True)
+    (action / "__main__.py").write_bytes(MAIN)
+    (action / "virtualenv" / "lib" / "data.txt").write_text("x")
+    (action / "virtualenv" / "lib64").symlink_to("lib")
+    for flags, name in (("-qry", "links.zip"), ("-qr", "copies.zip")):
+        subprocess.run(["zip", flags, f"../{name}", "."], cwd=action, check=True)
+    with pytest.raises(PrepareError) as refused:
+        archive.unpack((tmp_path / "links.zip").read_bytes(), True, dest, LIMIT)
+    assert str(refused.value) == (
+        "Archive entry 'virtualenv/lib64' is a symbolic link; only regular files and folders are allowed."
+        " Zip without -y (--symlinks), which stores what a link points to: links are refused for safety."
+    )
+    archive.unpack((tmp_path / "copies.zip").read_bytes(), True, dest, LIMIT)
+    assert (dest / "virtualenv" / "lib64" / "data.txt").read_text() == "x"
 
 
 def test_zip_path_escape_writes_nothing(tmp_path: Path, dest: Path) -> None:

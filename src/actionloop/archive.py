@@ -38,6 +38,9 @@ FILE_TYPES = {
     stat.S_IFIFO: "a fifo",
     stat.S_IFSOCK: "a socket",
 }
+# `zip -ry` keeps links (a virtualenv's lib64 and bin/python are links);
+# without -y zip stores the files they point to.
+ZIP_LINK_HINT = "Zip without -y (--symlinks), which stores what a link points to: links are refused for safety."
 
 
 def is_executable_bytes(head: bytes) -> bool:
@@ -93,10 +96,11 @@ def _write_exec(code: bytes, dest: Path, max_bytes: int) -> None:
         path.chmod(0o755)
 
 
-def _target(dest: Path, name: str, refused: str | None) -> Path:
-    """Where an archive entry goes, or a PrepareError naming it if it may not."""
+def _target(dest: Path, name: str, refused: str | None, hint: str = "") -> Path:
+    """Where an archive entry goes, or a PrepareError naming it (and `hint`) if it may not."""
     if refused is not None:
-        raise PrepareError(f"Archive entry {name!r} is {refused}; only regular files and folders are allowed.")
+        why = f"Archive entry {name!r} is {refused}; only regular files and folders are allowed."
+        raise PrepareError(f"{why} {hint}" if hint else why)
     parts = PurePosixPath(name.replace("\\", "/")).parts
     if not parts:
         return dest  # "./", as `tar czf x.tgz -C dir .` writes: the folder itself
@@ -122,16 +126,17 @@ def _write_file(target: Path, source: IO[bytes], mode: int) -> None:
         target.chmod(0o644 | (mode & 0o111))
 
 
-def _zip_refused(info: zipfile.ZipInfo) -> str | None:
-    """Why a zip entry may not be unpacked, if it may not.
+def _zip_refused(info: zipfile.ZipInfo) -> tuple[str | None, str]:
+    """Why a zip entry may not be unpacked, if it may not, and what to do instead.
 
     The file type is in the high bits of external_attr when the zip was made
     on Unix; 0 (DOS, or Python's writestr) means a plain file or folder.
     """
     file_type = stat.S_IFMT(info.external_attr >> 16)
     if file_type in (0, stat.S_IFREG, stat.S_IFDIR):
-        return None
-    return FILE_TYPES.get(file_type, f"of unknown file type {file_type:o}")
+        return None, ""
+    hint = ZIP_LINK_HINT if file_type == stat.S_IFLNK else ""
+    return FILE_TYPES.get(file_type, f"of unknown file type {file_type:o}"), hint
 
 
 def _unzip(code: bytes, dest: Path, max_bytes: int) -> None:
@@ -140,7 +145,7 @@ def _unzip(code: bytes, dest: Path, max_bytes: int) -> None:
     with zipfile.ZipFile(io.BytesIO(code)) as archive:
         infos = archive.infolist()
         _check_size(sum(info.file_size for info in infos), max_bytes)
-        targets = [_target(dest, info.filename, _zip_refused(info)) for info in infos]
+        targets = [_target(dest, info.filename, *_zip_refused(info)) for info in infos]
         for info, target in zip(infos, targets, strict=True):
             if info.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
