@@ -76,3 +76,19 @@ def test_autoinit_url_needs_a_sha256(autoinit: str, sha256: str, ok: bool) -> No
     else:
         with pytest.raises(ValueError, match="OW_AUTOINIT"):
             from_env(env)
+
+
+@pytest.mark.parametrize("autoinit", [None, ""], ids=["unset", "empty"])
+def test_autoinit_sha256_needs_autoinit(autoinit: str | None) -> None:
+    """OW_AUTOINIT_SHA256 without OW_AUTOINIT (unset, or empty as an image built without ACTION sets it)
+    is a bad setting naming both, not a runtime that quietly serves no action."""
+    env = {"OW_AUTOINIT_SHA256": "0" * 64} | ({} if autoinit is None else {"OW_AUTOINIT": autoinit})
+    with pytest.raises(ValueError, match="OW_AUTOINIT_SHA256 is set but OW_AUTOINIT is not"):
+        from_env(env)
+
+
+def test_flags_complete_the_environment() -> None:
+    """Flags join the environment before the checks: OW_AUTOINIT_SHA256 in the environment with the file
+    of `actionloop serve FILE` (or --autoinit) is a setting, and a flag of None leaves a variable alone."""
+    config = from_env({"OW_AUTOINIT_SHA256": "0" * 64, "OW_PORT": "9000"}, {"autoinit": "a.py", "port": None})
+    assert (config.autoinit, config.autoinit_sha256, config.port) == ("a.py", "0" * 64, 9000)

@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         if args is not None and args.version:
             print(f"actionloop {__version__}")
             return 0
-        config = from_env().replace(**flag_values(args)) if args is not None else from_env()
+        config = from_env(overrides=flag_values(args) if args is not None else None)
     except ValueError as exc:
         log(f"actionloop: bad setting: {exc}")
         return 2
@@ -311,7 +311,7 @@ def serve_file(args: argparse.Namespace) -> int:
         "origins": tuple(args.origin) if args.origin else None,
         "demo": not args.no_demo,
     }
-    config = from_env().replace(**given)
+    config = from_env(overrides=given)
     import tempfile
 
     if args.action_dir is not None:

@@ -138,6 +138,11 @@ class Config:
             raise ValueError(f"OW_AUTOINIT={shown(self.autoinit)!r}: a file path, or an https:// or http:// URL")
         if self.autoinit_sha256 and not re.fullmatch(r"[0-9a-fA-F]{64}", self.autoinit_sha256):
             raise ValueError(f"OW_AUTOINIT_SHA256={self.autoinit_sha256!r}: not a sha256 (64 hex digits)")
+        if self.autoinit_sha256 and not self.autoinit:
+            # A hash with no code to check: a pod of `actionloop kube
+            # --action-in-image` whose image was built without ACTION would
+            # otherwise serve no action at all, quietly.
+            raise ValueError("OW_AUTOINIT_SHA256 is set but OW_AUTOINIT is not: there is no code to check")
         if self.autoinit.startswith(("https://", "http://")) and not self.autoinit_sha256:
             raise ValueError(
                 "OW_AUTOINIT is a URL: set OW_AUTOINIT_SHA256 to the sha256 of its content (sha256sum FILE)"
@@ -192,8 +197,12 @@ def flag_values(args: argparse.Namespace) -> dict[str, Any]:
     return {s.field: getattr(args, s.field, None) for s in SETTINGS}
 
 
-def from_env(environ: Mapping[str, str] | None = None) -> Config:
-    """Settings from the environment (default: os.environ); bad numbers raise."""
+def from_env(environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Settings from the environment (default: os.environ), then `overrides` not None (flags); bad ones raise.
+
+    One Config is built from both: the checks see the settings as a whole
+    (OW_AUTOINIT_SHA256 from the environment with the file of `serve FILE`).
+    """
     environ = os.environ if environ is None else environ
     kinds = {f.name: f.type for f in dataclasses.fields(Config)}
     values: dict[str, Any] = {}
@@ -205,4 +214,5 @@ def from_env(environ: Mapping[str, str] | None = None) -> Config:
             values[setting.field] = _convert(kinds[setting.field], text)
         except ValueError as exc:
             raise ValueError(f"{setting.env}={text!r}: {exc}") from exc
+    values.update({field: value for field, value in (overrides or {}).items() if value is not None})
     return Config(**values)
