@@ -18,6 +18,10 @@ the WebSocket upgrade headers and the timeouts of its annotations.
 
 `ApiServer` answers kubectl's discovery, so a real `kubectl apply
 --dry-run=client` shows the object it would send, annotation included.
+
+`play_probes` runs a container's probes on a `Pod` as the kubelet does, every
+period scaled down; `Bucket` serves an action file over HTTP, failing first
+if asked, as a flaky object store would.
 """
 
 from __future__ import annotations
@@ -88,7 +92,7 @@ def expand(text: str, variables: dict[str, str]) -> str:
 def dockerfile(build_args: dict[str, str] | None = None) -> dict[str, Any]:
     """ENV, WORKDIR, ENTRYPOINT and the files COPYd to stay of deploy/Dockerfile, built with build_args.
 
-    "copies" are (sources, destination, mode) of each COPY after the last RUN:
+    "copies" are (sources, destination, flags) of each COPY after the last RUN:
     those before it fed it, and the installed actionloop stands for that RUN.
     """
     text = (ROOT / "deploy" / "Dockerfile").read_text().replace("\\\n", " ")
@@ -109,8 +113,7 @@ def dockerfile(build_args: dict[str, str] | None = None) -> dict[str, Any]:
             image["copies"].clear()
         elif word == "COPY":
             *sources, destination = [part for part in rest.split() if not part.startswith("--")]
-            chmod = re.search(r"--chmod=([0-7]+)", rest)
-            image["copies"].append((sources, destination, int(chmod[1], 8) if chmod else None))
+            image["copies"].append((sources, destination, [part for part in rest.split() if part.startswith("--")]))
         elif word == "WORKDIR":
             image["workdir"] = rest.strip()
         elif word == "ENTRYPOINT":
@@ -197,20 +200,19 @@ class Pod:
                 return str(self.host_path(path)) + value[len(path) :]
         return value
 
-    def _copy(self, copies: list[tuple[list[str], str, int | None]]) -> None:
-        """The image's COPYs, from the repository root as build context."""
-        for sources, destination, mode in copies:
+    def _copy(self, copies: list[tuple[list[str], str, list[str]]]) -> None:
+        """The image's COPYs, from the repository root as build context, as every builder does them."""
+        for sources, destination, flags in copies:
+            # --chmod and friends need BuildKit; the classic builder fails on a source that matches nothing.
+            assert not flags, f"COPY {' '.join(flags)}: not for every builder"
             for source in sources:
                 found = sorted(ROOT.glob(source))
-                # A wildcard may match nothing (BuildKit copies nothing); a plain path must exist.
-                assert found or any(char in source for char in "*?["), f"COPY {source}: not in the context"
+                assert found, f"COPY {source}: not in the context"
                 for path in found:
                     target = self.host_path(destination)
                     target = target / path.name if destination.endswith("/") else target
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(path, target)
-                    if mode is not None:
-                        target.chmod(mode)
+                    shutil.copy(path, target)  # the mode comes along
             self.paths.append(destination.rstrip("/"))
 
     def _mount(self, spec: dict[str, Any], container: dict[str, Any]) -> None:
@@ -262,6 +264,16 @@ class Pod:
             return False
         return True
 
+    def passes(self, probe: dict[str, Any]) -> bool:
+        """One try of a tcpSocket or httpGet probe (on port http), as the kubelet's prober counts it."""
+        if "tcpSocket" in probe:
+            return self.accepts(probe["tcpSocket"]["port"])
+        assert probe["httpGet"]["port"] == "http"
+        try:
+            return 200 <= self.get(probe["httpGet"]["path"])[0] < 400
+        except (OSError, ValueError):
+            return False
+
     def wait_ready(self, timeout: float = 20.0) -> Pod:
         """Poll the startup probe's port, if any, then the readiness probe's path, as the kubelet does."""
         startup = self.container.get("startupProbe", {}).get("tcpSocket")
@@ -293,6 +305,78 @@ class Pod:
                 self.process.wait()
         self.log.close()
         return self.process.returncode
+
+
+def play_probes(pod: Pod, scale: float, timeout: float) -> str:
+    """The kubelet's probes of the pod's container until it is ready or would be killed, every
+    initialDelaySeconds and periodSeconds multiplied by `scale`: "ready", or "killed by the KIND".
+
+    As the kubelet (pkg/kubelet/prober): the startupProbe alone runs until it
+    passes; then the liveness and readiness probes. failureThreshold failures
+    in a row of the startup or the liveness probe kill the container; the
+    readiness probe only takes it out of the Service.
+    """
+    kinds = ("startupProbe", "livenessProbe", "readinessProbe")
+    probes = {kind: pod.container[kind] for kind in kinds if kind in pod.container}
+    started = "startupProbe" not in probes
+    failures = dict.fromkeys(probes, 0)
+    now = time.monotonic()
+    due = {kind: now + probe.get("initialDelaySeconds", 0) * scale for kind, probe in probes.items()}
+    deadline = now + timeout
+    while (now := time.monotonic()) < deadline:
+        for kind, probe in probes.items():
+            if (kind == "startupProbe") == started or now < due[kind]:
+                continue
+            due[kind] = now + probe.get("periodSeconds", 10) * scale
+            if not pod.passes(probe):
+                failures[kind] += 1
+                if kind != "readinessProbe" and failures[kind] >= probe.get("failureThreshold", 3):
+                    return f"killed by the {kind}"
+            elif kind == "readinessProbe":
+                return "ready"
+            elif kind == "startupProbe":
+                started = True
+                due = {other: now for other in due}
+            else:
+                failures[kind] = 0
+        time.sleep(0.01)
+    raise AssertionError(f"neither ready nor killed in {timeout} s: {pod.logs()}")
+
+
+class Bucket(http.server.ThreadingHTTPServer):
+    """Serves one file at /NAME, as an object store would; the first `failures` GETs get a 503."""
+
+    daemon_threads = True
+
+    def __init__(self, path: Path, failures: int = 0) -> None:
+        bucket = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                bucket.requests += 1
+                if self.path != f"/{path.name}":
+                    self.send_error(404)
+                    return
+                if bucket.requests <= failures:
+                    self.send_error(503)
+                    return
+                body = path.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.requests = 0
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/{path.name}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
 
 
 class Redis:
@@ -545,4 +629,4 @@ def validate(doc: dict[str, Any]) -> None:
     kubernetes_validate.validate(doc, "1.33", strict=True)
 
 
-__all__ = ["ApiServer", "Nginx", "Pod", "Redis", "generate", "kube", "need", "validate"]
+__all__ = ["ApiServer", "Bucket", "Nginx", "Pod", "Redis", "generate", "kube", "need", "play_probes", "validate"]

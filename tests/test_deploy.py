@@ -16,6 +16,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,14 +27,17 @@ from conftest import ACTIONLOOP, EXAMPLES, ROOT, TIME_FACTOR, ask, concurrently,
 from deploy_helpers import (
     CHROMIUM_ARGS,
     ApiServer,
+    Bucket,
     Nginx,
     Pod,
     Redis,
     browser_home,
     dockerfile,
+    expand,
     generate,
     kube,
     need,
+    play_probes,
     validate,
 )
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -152,12 +156,13 @@ def pod(tmp_path: Path) -> Any:
         *args: str,
         claims: dict[str, Path] | None = None,
         build_args: dict[str, str] | None = None,
+        ready: bool = True,
         **env: str,
     ) -> Pod:
         docs = generate(action, "--name", "hello", *args)
         started = Pod(docs, tmp_path / f"pod{len(pods)}", None, None, claims, build_args, **env)
         pods.append(started)
-        return started.wait_ready()
+        return started.wait_ready() if ready else started
 
     yield start
     for started in pods:
@@ -387,6 +392,21 @@ def test_generated_token_is_new_each_time_and_rolls_the_pods() -> None:
         (("--autoscale", "5"), 2, "MIN:MAX"),
         (("--cpu-target", "50"), 2, "--cpu-target needs --autoscale"),
         (("--autoscale", "1:3", "--cpu-target", "0"), 2, "at least 1"),
+        (("--memory", "512Mi", "--image", "r/a:1"), 0, ""),
+        (("--memory", "1.5Gi", "--image", "r/a:1"), 0, ""),
+        (("--memory", "256MB"), 2, "not a Kubernetes quantity of memory"),
+        (("--memory", "256m"), 2, "not a Kubernetes quantity of memory"),
+        (("--memory", "32Mi"), 2, "at least 64Mi"),
+        (("--volume-claim", "Actions_1"), 2, "argument --volume-claim: 'Actions_1' is not a valid name"),
+        (("--volume-claim", "actions.v1", "--image", "r/a:1"), 0, ""),
+        (("--api-token-secret", "api_token"), 2, "argument --api-token-secret: 'api_token' is not a valid name"),
+        (("--tls-secret", "tls.", "--host", "h.example.com"), 2, "argument --tls-secret: 'tls.' is not a valid name"),
+        (("--namespace", "a.b"), 2, "argument --namespace: 'a.b' is not a valid name"),
+        (("--ingress-class", "Nginx"), 2, "argument --ingress-class: 'Nginx' is not a valid name"),
+        (("--name", "Chat"), 2, "argument --name: 'Chat' is not a valid name"),
+        (("--name", "1chat"), 2, "starting with a letter"),
+        (("--name", "c" * 58), 2, "57 at most"),
+        (("--name", "c" * 57, "--with-redis", "--image", "r/a:1"), 0, ""),
     ],
 )
 def test_kube_flags_refused_or_warned(args: tuple[str, ...], status: int, says: str) -> None:
@@ -607,12 +627,13 @@ URL = "https://downloads.example.com/hello.py"
             {"OW_AUTOINIT": "/etc/actionloop/code/hello.py"},
             {"persistentVolumeClaim": {"claimName": "actions", "readOnly": True}},
         ),
-        (("--action-in-image",), {}, None),
+        (("--action-in-image",), {"OW_AUTOINIT_SHA256": HELLO_SHA256}, None),
     ],
     ids=["configmap", "url", "volume-claim", "action-in-image"],
 )
 def test_where_the_code_comes_from(args: tuple[str, ...], autoinit: dict[str, str], volume: Any) -> None:
-    """Each way to ship the code gives the pod its own OW_AUTOINIT (none: the image's) and code volume, if any."""
+    """Each way to ship the code gives the pod its own OW_AUTOINIT (none: the image's), the SHA-256 of FILE
+    where it is not on a volume the user may update, and a code volume, if any."""
     docs = generate(EXAMPLES / "hello.py", "--name", "hello", "--image", IMAGE, *args)
     for doc in docs.values():
         validate(doc)
@@ -669,17 +690,27 @@ def test_disruption_budget_and_autoscaler(
 
 
 def test_dockerfile_action_build_arg() -> None:
-    """deploy/Dockerfile: with ACTION the file is copied, readable by all, to a fixed path OW_AUTOINIT names;
-    without it nothing is copied and OW_AUTOINIT is empty, which the runtime takes as not set."""
+    """deploy/Dockerfile: with ACTION the file is copied to a fixed path OW_AUTOINIT names; without it the
+    placeholder deploy/no-action is, and OW_AUTOINIT is empty, which the runtime takes as not set."""
     built = dockerfile({"ACTION": "examples/hello.py"})
-    assert built["copies"] == [(["examples/hello.py"], "/opt/actionloop/action", 0o444)]
+    assert built["copies"] == [(["examples/hello.py"], "/opt/actionloop/action", [])]
     assert built["env"]["OW_AUTOINIT"] == "/opt/actionloop/action"
     plain = dockerfile()
-    ((sources, destination, _),) = plain["copies"]
-    # A wildcard matching nothing: BuildKit copies nothing, where a plain missing path fails the build.
-    assert destination == "/opt/actionloop/action" and "*" in sources[0] and not list(ROOT.glob(sources[0]))
+    assert plain["copies"] == [(["deploy/no-action"], "/opt/actionloop/action", [])]
     assert plain["env"]["OW_AUTOINIT"] == ""
     assert from_env({"OW_AUTOINIT": ""}).autoinit == ""
+
+
+def test_dockerfile_needs_no_buildkit() -> None:
+    """Every COPY of deploy/Dockerfile works with the classic builder too: no --chmod (or other flag) and
+    no wildcard, which fails it when nothing matches; each default source is a file in the context."""
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    copies = [line.split()[1:] for line in text.splitlines() if line.startswith("COPY ")]
+    assert copies and not [part for parts in copies for part in parts if part.startswith("--")]
+    sources = [expand(part, {}) for parts in copies for part in parts[:-1]]
+    assert not [source for source in sources if set(source) & set("*?[")]
+    assert all((ROOT / source).exists() for source in sources), sources
+    assert "needs BuildKit" not in (ROOT / "README.md").read_text()
 
 
 def test_pod_with_action_in_image(pod: Any) -> None:
@@ -718,3 +749,149 @@ def test_pod_from_volume_claim(pod: Any, tmp_path: Path) -> None:
         while (reply := ask(ws, {"name": "claim"})) != {"greeting": "Bonjour, claim!"}:
             assert reply == {"greeting": "Hello, claim!"} and time.monotonic() < deadline
             time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------
+# Slow start-ups, big actions, and an image pinned to its file.
+
+SCALE = 0.1  # the kubelet's probe periods, played ten times faster
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(), ("--api",), ("--url", URL), ("--volume-claim", "actions"), ("--action-in-image", "--with-redis")],
+    ids=["configmap", "api", "url", "volume-claim", "action-in-image"],
+)
+def test_startup_probe_allows_ten_minutes(args: tuple[str, ...]) -> None:
+    """Every Deployment has a startup probe on the port that opens last (api with the API, else http),
+    allowing 10 minutes before the liveness and readiness probes begin."""
+    docs = generate(EXAMPLES / "hello.py", "--name", "hello", "--image", IMAGE, *args)
+    validate(docs["Deployment"])
+    container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    startup = container["startupProbe"]
+    assert startup["tcpSocket"] == {"port": "api" if {"--api", "--with-redis"} & set(args) else "http"}
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+    liveness = container["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] < 60  # why it must not start first
+
+
+@pytest.mark.parametrize("startup", [True, False], ids=["as-generated", "without-startup-probe"])
+def test_slow_start_is_waited_for(pod: Any, startup: bool) -> None:
+    """A pod whose auto-init outlasts the liveness probe's patience (two 503s from the bucket, retried
+    after 1 and 2 s: over 30 s in a cluster, with periods 10 times shorter here) becomes ready; without
+    the startup probe, the liveness probe would have had it killed."""
+    bucket = Bucket(EXAMPLES / "hello.py", failures=2)
+    try:
+        started = time.monotonic()
+        running = pod(EXAMPLES / "hello.py", "--path", "/hello", "--image", IMAGE, "--url", bucket.url, ready=False)
+        if not startup:
+            del running.container["startupProbe"]
+        verdict = play_probes(running, SCALE, 60 * TIME_FACTOR)
+        took = time.monotonic() - started
+    finally:
+        bucket.stop()
+    if not startup:
+        assert verdict == "killed by the livenessProbe"
+        return
+    assert verdict == "ready", running.logs()
+    liveness = running.container["livenessProbe"]
+    assert took > liveness["periodSeconds"] * liveness["failureThreshold"] * SCALE
+    assert bucket.requests == 3 and "again in 2 s" in running.logs()
+    with connect(f"ws://127.0.0.1:{running.port}/hello", open_timeout=TIMEOUT) as ws:
+        assert ask(ws, {"name": "late"}) == {"greeting": "Hello, late!"}
+
+
+def sparse(path: Path, size: int) -> Path:
+    with path.open("wb") as file:
+        file.truncate(size)
+    return path
+
+
+def memory_of(done: subprocess.CompletedProcess[bytes]) -> dict[str, str]:
+    resources = printed(done)["Deployment"]["spec"]["template"]["spec"]["containers"][0]["resources"]
+    validate(printed(done)["Deployment"])
+    assert resources["requests"]["memory"] == "64Mi"
+    return {"limit": resources["limits"]["memory"]}
+
+
+def test_memory_limit_grows_with_the_file(tmp_path: Path) -> None:
+    """The memory limit is 256Mi up to a FILE of 64 MiB; past that it is FILE's size and 192 MiB, in whole
+    MiB, said on stderr; --memory sets it, with a warning when it is less than a big FILE needs; the
+    request stays 64Mi."""
+    action = sparse(tmp_path / "big.zip", 64 << 20)
+    small = kube_cli(action, "--volume-claim", "actions")
+    assert memory_of(small) == {"limit": "256Mi"} and b"memory" not in small.stderr
+    action = sparse(action, (64 << 20) + 1)
+    grown = kube_cli(action, "--url", "https://files.example.com/big.zip")
+    assert memory_of(grown) == {"limit": "257Mi"}
+    assert grown.stderr.decode() == (
+        "actionloop kube: auto-init holds big.zip's 67,108,865 bytes in memory while it unpacks them: "
+        "the pods' memory limit is 257Mi instead of 256Mi (--memory sets it)\n"
+    )
+    small = kube_cli(EXAMPLES / "hello.py", "--memory", "128Mi")
+    assert memory_of(small) == {"limit": "128Mi"} and small.stderr == b""
+    given = kube_cli(action, "--volume-claim", "actions", "--memory", "1Gi")
+    assert memory_of(given) == {"limit": "1Gi"} and given.stderr == b""
+    short = kube_cli(action, "--action-in-image", "--memory", "256Mi")
+    assert memory_of(short) == {"limit": "256Mi"}
+    assert "--memory 256Mi may be too little" in short.stderr.decode() and "257Mi" in short.stderr.decode()
+
+
+def resident_peak(pid: int) -> int:
+    """Bytes: the peak resident memory (VmHWM) of a process and of each of its children, added up."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    status = Path(f"/proc/{pid}/status").read_text()
+    (peak,) = [int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")]
+    return peak + sum(resident_peak(int(child)) for child in children)
+
+
+def test_big_action_fits_its_memory_limit(pod: Any, tmp_path: Path) -> None:
+    """A pod that auto-inits a 224 MiB zip from a claim stays under the memory limit its manifests set
+    (the runtime and its action process at their peaks, added up), and answers."""
+    claim = tmp_path / "claim"
+    claim.mkdir()
+    action = claim / "big.zip"
+    with zipfile.ZipFile(action, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("__main__.py", "def main(args):\n    return {'big': True}\n")
+        with archive.open("data.bin", "w", force_zip64=True) as data:
+            for _ in range(224):
+                data.write(bytes(1 << 20))
+    running = pod(action, "--path", "/big", "--image", IMAGE, "--volume-claim", "actions", claims={"actions": claim})
+    with connect(f"ws://127.0.0.1:{running.port}/big", open_timeout=TIMEOUT) as ws:
+        assert ask(ws, {}) == {"big": True}
+    peak = resident_peak(running.process.pid)
+    limit = running.container["resources"]["limits"]["memory"]
+    assert peak > action.stat().st_size  # the bytes were held at once
+    assert peak < kube.quantity_bytes(limit), (peak, limit)
+
+
+OTHER = "def main(args):\n    return {'other': True}\n"
+
+
+def test_image_is_pinned_to_file(tmp_path: Path) -> None:
+    """--action-in-image: the pod template carries FILE's SHA-256, so a new FILE is a new template (a
+    rollout, even under a reused tag)."""
+    other = tmp_path / "other.py"
+    other.write_text(OTHER)
+    first, second = (
+        generate(action, "--name", "h", "--image", IMAGE, "--action-in-image")
+        for action in (EXAMPLES / "hello.py", other)
+    )
+    assert env_of(first)["OW_AUTOINIT_SHA256"]["value"] == HELLO_SHA256
+    assert first["Deployment"]["spec"]["template"] != second["Deployment"]["spec"]["template"]
+
+
+@pytest.mark.parametrize(
+    ("build_args", "status", "says"),
+    [
+        ({"ACTION": "examples/counter.py"}, 1, f"but OW_AUTOINIT_SHA256 is {HELLO_SHA256}: not loaded"),
+        ({}, 2, "bad setting: OW_AUTOINIT_SHA256 is set but OW_AUTOINIT is not"),
+    ],
+    ids=["another-file", "no-action"],
+)
+def test_image_of_another_file_fails(pod: Any, build_args: dict[str, str], status: int, says: str) -> None:
+    """--action-in-image with FILE examples/hello.py: a pod of an image built from another file, or
+    without ACTION, exits at once, saying why, instead of serving the wrong action or none."""
+    running = pod(EXAMPLES / "hello.py", "--image", IMAGE, "--action-in-image", build_args=build_args, ready=False)
+    assert running.process.wait(TIMEOUT) == status
+    assert says in running.logs()

@@ -107,7 +107,12 @@ def kube_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("file", type=Path, help="the action: Python source, zip, tar.gz or executable")
-    parser.add_argument("--name", required=True, help="name of the ConfigMap, Deployment, Service and Ingress")
+    parser.add_argument(
+        "--name",
+        required=True,
+        type=app_name,
+        help="name of the ConfigMap, Deployment, Service and Ingress (lowercase letters, digits and -)",
+    )
     parser.add_argument("--path", default="/hello", help="WebSocket path (default /hello)")
     parser.add_argument("--host", default="", help="Ingress host; also the only allowed browser Origin")
     count = parser.add_mutually_exclusive_group()
@@ -125,14 +130,21 @@ def kube_parser() -> argparse.ArgumentParser:
         help="with --autoscale: the average CPU use it aims at, in percent of the CPU request (default 70)",
     )
     parser.add_argument("--image", help=f"runtime image (default actionloop:{__version__}, which no registry has)")
-    parser.add_argument("--namespace", default="", help="namespace to create and use")
+    parser.add_argument("--namespace", type=dns_label, help="namespace to create and use")
     parser.add_argument("--main", default="main", help="entry point (default main)")
-    parser.add_argument("--ingress-class", default="nginx", help="ingressClassName (default nginx)")
+    parser.add_argument("--ingress-class", default="nginx", type=dns_subdomain, help="ingressClassName (default nginx)")
     parser.add_argument(
         "--tls-secret",
         metavar="SECRET",
-        default="",
+        type=dns_subdomain,
         help="TLS at the Ingress for --host, with this kubernetes.io/tls Secret (wss://, https://)",
+    )
+    parser.add_argument(
+        "--memory",
+        metavar="LIMIT",
+        type=memory_limit,
+        help="the pods' memory limit, a Kubernetes quantity (default 256Mi, more for a FILE over 64 MiB: "
+        "auto-init holds it in memory while it unpacks it)",
     )
     parser.add_argument("--demo", action="store_true", help="also serve the demo page at /")
     large = parser.add_argument_group(
@@ -146,7 +158,7 @@ def kube_parser() -> argparse.ArgumentParser:
     large.add_argument(
         "--volume-claim",
         metavar="CLAIM",
-        default="",
+        type=dns_subdomain,
         help="FILE is on this existing PersistentVolumeClaim, under its base name",
     )
     large.add_argument(
@@ -164,7 +176,7 @@ def kube_parser() -> argparse.ArgumentParser:
     push.add_argument(
         "--api-token-secret",
         metavar="SECRET",
-        default="",
+        type=dns_subdomain,
         help="take the API token from this existing Secret (key `token`) instead; implies --api",
     )
     redis = push.add_mutually_exclusive_group()
@@ -183,6 +195,54 @@ def kube_parser() -> argparse.ArgumentParser:
         "--events", action="store_true", help="invoke the action on connect and disconnect (OW_WEBSOCKET_EVENTS=1)"
     )
     return parser
+
+
+# Object names (apimachinery's validation): most are DNS-1123 subdomains; a
+# namespace is a DNS-1123 label, a Service name a DNS-1035 label.
+DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+DNS_SUBDOMAIN = rf"{DNS_LABEL}(\.{DNS_LABEL})*"
+DNS_1035_LABEL = r"[a-z]([-a-z0-9]*[a-z0-9])?"
+# NAME-redis, the bundled Redis's Service, is a DNS-1035 label of 63 at most too.
+NAME_LENGTH = 63 - len("-redis")
+
+
+def dns_subdomain(text: str) -> str:
+    """A Secret, claim or class name, refused now rather than by the API server."""
+    return object_name(text, DNS_SUBDOMAIN, 253, "lowercase letters, digits, - and ., a letter or digit at each end")
+
+
+def dns_label(text: str) -> str:
+    return object_name(text, DNS_LABEL, 63, "lowercase letters, digits and -, a letter or digit at each end")
+
+
+def app_name(text: str) -> str:
+    """--name: the Service's name (a DNS-1035 label), and NAME-redis's too."""
+    rule = "lowercase letters, digits and -, starting with a letter and ending with a letter or digit"
+    return object_name(text, DNS_1035_LABEL, NAME_LENGTH, rule)
+
+
+def object_name(text: str, pattern: str, length: int, rule: str) -> str:
+    import argparse
+    import re
+
+    if not re.fullmatch(pattern, text) or len(text) > length:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid name in Kubernetes: {rule}, {length} at most")
+    return text
+
+
+def memory_limit(text: str) -> str:
+    """--memory: a quantity Kubernetes takes, and no less than the request."""
+    import argparse
+
+    from . import kube
+
+    try:
+        size = kube.quantity_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if size < kube.quantity_bytes(kube.MEMORY_REQUEST):
+        raise argparse.ArgumentTypeError(f"at least {kube.MEMORY_REQUEST}, the pods' memory request")
+    return text
 
 
 def redis_url(text: str) -> str:
@@ -250,19 +310,20 @@ def print_manifests(args: argparse.Namespace) -> int:
         host=args.host,
         replicas=1 if args.replicas is None else args.replicas,
         image=args.image or kube.DEFAULT_IMAGE,
-        namespace=args.namespace,
+        namespace=args.namespace or "",
         main=args.main,
         demo=args.demo,
         ingress_class=args.ingress_class,
-        tls_secret=args.tls_secret,
+        tls_secret=args.tls_secret or "",
         api=args.api,
-        api_token_secret=args.api_token_secret,
+        api_token_secret=args.api_token_secret or "",
         redis_url=args.redis or "",
         with_redis=args.with_redis,
         events=args.events,
         url=args.url or "",
-        volume_claim=args.volume_claim,
+        volume_claim=args.volume_claim or "",
         action_in_image=args.action_in_image,
+        memory=args.memory or "",
         min_replicas=args.autoscale[0] if args.autoscale else 0,
         max_replicas=args.autoscale[1] if args.autoscale else 0,
         cpu_target=args.cpu_target or kube.CPU_TARGET,

@@ -8,9 +8,10 @@ deploy/Dockerfile (WORKDIR, user).
 
 An action too big for a ConfigMap comes instead from a URL (pinned by its
 SHA-256), from a PersistentVolumeClaim mounted where the ConfigMap would be,
-or from the image itself (deploy/Dockerfile's ACTION build argument). With
-more than one replica, or an autoscaler, a PodDisruptionBudget keeps all but
-one pod up through voluntary disruptions.
+or from the image itself (deploy/Dockerfile's ACTION build argument, pinned
+by the SHA-256 of the local file too). With more than one replica, or an
+autoscaler, a PodDisruptionBudget keeps all but one pod up through voluntary
+disruptions.
 
 With the management API (SPEC.md part D) the token comes from a Secret, the
 API port is a second Service port that the Ingress never routes, and Redis,
@@ -22,9 +23,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import re
 import secrets
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from typing import Any
 
 import yaml
@@ -62,6 +65,23 @@ CONFIGMAP_LIMIT = 1024 * 1024
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 ANNOTATIONS_LIMIT = 256 * 1024
 CPU_TARGET = 70  # percent of the CPU request, averaged over the pods
+# How long auto-init may take before the ports open (container(): startupProbe).
+STARTUP_PERIOD = 1  # seconds: ready within a second of listening
+STARTUP_SECONDS = 600
+MIB = 1 << 20
+MEMORY_REQUEST = "64Mi"
+MEMORY_LIMIT = "256Mi"
+# Auto-init holds the action's bytes in memory while it unpacks them (a
+# download once, a file read whole: source.read), beside the runtime's own
+# 45 MiB or so and the action processes: the limit for a big FILE is its size
+# and this much more, if that is over MEMORY_LIMIT.
+MEMORY_MARGIN = 192 * MIB
+# resource.Quantity's grammar (apimachinery), less the sign and the milli of
+# no use for bytes: digits, maybe a fraction, then a binary or decimal suffix
+# or an exponent.
+QUANTITY = re.compile(r"(\d+\.?\d*|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|[eE][+-]?\d+|k|M|G|T|P|E)?")
+SUFFIXES = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
+SUFFIXES |= {f"{prefix}i": 1 << (10 * n) for n, prefix in enumerate("KMGTPE", 1)}
 REDIS_IMAGE = "redis:7-alpine"
 REDIS_PORT = 6379
 REDIS_DATA = "/data"  # the image's WORKDIR
@@ -91,9 +111,10 @@ class KubeSpec:
     events: bool = False
     # Where the code comes from instead of a ConfigMap: at most one of these.
     url: str = ""
-    code_sha256: str = ""  # of the file at url; manifests() computes it from the local copy
+    code_sha256: str = ""  # of FILE, for a URL or the image; manifests() computes it
     volume_claim: str = ""
     action_in_image: bool = False
+    memory: str = ""  # the memory limit; "": MEMORY_LIMIT, or more for a big file (memory_limit)
     min_replicas: int = 0  # an autoscaler from min to max replicas; 0: none
     max_replicas: int = 0
     cpu_target: int = CPU_TARGET
@@ -124,6 +145,30 @@ class KubeSpec:
     def redis(self) -> str:
         """OW_REDIS_URL: the one given, or the bundled Redis Service's DNS name."""
         return f"redis://{self.name}-redis:{REDIS_PORT}/0" if self.with_redis else self.redis_url
+
+
+def quantity_bytes(text: str) -> int:
+    """Bytes in a Kubernetes quantity of memory ("256Mi", "1G", "1e9"), rounded up; ValueError if it is none."""
+    match = QUANTITY.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a Kubernetes quantity of memory: e.g. 512Mi, 2Gi, 1G or 1073741824 (bytes)")
+    number, suffix = Decimal(match[1]), match[2] or ""
+    scaled = number * SUFFIXES[suffix] if suffix in SUFFIXES else number.scaleb(int(suffix[1:]))
+    return math.ceil(scaled)
+
+
+def memory_needed(size: int) -> int:
+    """The memory limit for an action of `size` bytes, whole MiB: the default, or more for a big one."""
+    mib = -(-(size + MEMORY_MARGIN) // MIB)
+    return max(mib * MIB, quantity_bytes(MEMORY_LIMIT))
+
+
+def memory_limit(spec: KubeSpec, size: int) -> str:
+    """The container's memory limit: the one given, else what memory_needed says."""
+    if spec.memory:
+        return spec.memory
+    needed = memory_needed(size)
+    return MEMORY_LIMIT if needed == quantity_bytes(MEMORY_LIMIT) else f"{needed // MIB}Mi"
 
 
 def config_key(filename: str) -> str:
@@ -195,7 +240,11 @@ def last_applied_size(doc: dict[str, Any]) -> int:
 def autoinit_env(spec: KubeSpec) -> dict[str, str]:
     """OW_AUTOINIT where the pod finds the code (and the hash that pins a URL)."""
     if spec.action_in_image:
-        return {}  # the image's own OW_AUTOINIT (deploy/Dockerfile, ACTION)
+        # The image's own OW_AUTOINIT (deploy/Dockerfile, ACTION), checked
+        # against FILE: an image built from another file, or none, fails
+        # loudly, and a new FILE changes the pod template, hence a rollout,
+        # even under a reused tag.
+        return {"OW_AUTOINIT_SHA256": spec.code_sha256}
     if spec.url:
         return {"OW_AUTOINIT": spec.url, "OW_AUTOINIT_SHA256": spec.code_sha256}
     if spec.volume_claim:
@@ -242,15 +291,22 @@ def container(spec: KubeSpec) -> dict[str, Any]:
     if code_volume(spec) is not None:
         mounts.insert(0, {"name": "code", "mountPath": CODE_MOUNT, "readOnly": True})
     probe = {"port": "http"}
+    # Auto-init comes before the ports open (cli.serve_runtime), and may take
+    # minutes: without a startup probe the liveness probe would kill a pod
+    # that starts in over 30 s, again and again. This one holds the others
+    # back for up to STARTUP_SECONDS; a pod not listening by then is killed
+    # and restarted. The API, when on, opens its port just after the public
+    # one: readiness then waits for both.
+    started = {"tcpSocket": {"port": "api" if spec.management else "http"}}
     probes: dict[str, Any] = {
+        "startupProbe": {
+            **started,
+            "periodSeconds": STARTUP_PERIOD,
+            "failureThreshold": STARTUP_SECONDS // STARTUP_PERIOD,
+        },
         "readinessProbe": {"httpGet": {"path": "/readyz", **probe}, "periodSeconds": 5, "failureThreshold": 2},
         "livenessProbe": {"httpGet": {"path": "/healthz", **probe}, "periodSeconds": 10, "failureThreshold": 3},
     }
-    if spec.management:
-        # The API opens its port just after the public one (cli.serve_runtime):
-        # the other probes, hence readiness, wait until it is open. Auto-init
-        # comes first, so this allows it OW_START_TIMEOUT (60 s) and more.
-        probes["startupProbe"] = {"tcpSocket": {"port": "api"}, "periodSeconds": 1, "failureThreshold": 120}
     return {
         "name": "action",
         "image": spec.image,
@@ -259,8 +315,8 @@ def container(spec: KubeSpec) -> dict[str, Any]:
         "env": env_list,
         **probes,
         "resources": {
-            "requests": {"cpu": "100m", "memory": "64Mi"},
-            "limits": {"cpu": "1", "memory": "256Mi"},
+            "requests": {"cpu": "100m", "memory": MEMORY_REQUEST},
+            "limits": {"cpu": "1", "memory": spec.memory or MEMORY_LIMIT},
         },
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -484,14 +540,30 @@ def caveats(spec: KubeSpec, code: bytes) -> list[str]:
     if spec.management and spec.several and not spec.redis:
         alone = "the API of each replica reaches only its own connections"
         found.append(f"{alone}: add --with-redis or --redis URL")
+    found += memory_caveats(spec, len(code))
     return found
+
+
+def memory_caveats(spec: KubeSpec, size: int) -> list[str]:
+    """A big FILE: the default limit raised, or a --memory below what it needs (a small one: nothing)."""
+    needed = memory_needed(size)
+    if needed == quantity_bytes(MEMORY_LIMIT):
+        return []
+    held = f"auto-init holds {spec.filename}'s {size:,} bytes in memory while it unpacks them"
+    if not spec.memory:
+        limit = memory_limit(spec, size)
+        return [f"{held}: the pods' memory limit is {limit} instead of {MEMORY_LIMIT} (--memory sets it)"]
+    if quantity_bytes(spec.memory) < needed:
+        return [f"--memory {spec.memory} may be too little: {held} (about {needed // MIB}Mi)"]
+    return []
 
 
 def manifests(spec: KubeSpec, code: bytes) -> list[dict[str, Any]]:
     if spec.management and not spec.api_token_secret and not spec.api_token:
         spec = replace(spec, api_token=new_token())
-    if spec.url:
+    if spec.url or spec.action_in_image:
         spec = replace(spec, code_sha256=hashlib.sha256(code).hexdigest())
+    spec = replace(spec, memory=memory_limit(spec, len(code)))
     docs = [config_map(spec, code)] if spec.in_config_map else []
     if spec.management and not spec.api_token_secret:
         docs.append(secret(spec))
