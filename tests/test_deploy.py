@@ -274,7 +274,7 @@ def test_many_clients_through_pod(pod: Any) -> None:
 
 
 # --------------------------------------------------------------------------
-# The management API, Redis and connection events (SPEC.md part D).
+# The management API, Redis and connection events (contract part D).
 
 
 def env_of(docs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

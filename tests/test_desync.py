@@ -1,4 +1,4 @@
-"""Replies never cross, whatever the action writes on fd 3 (SPEC.md part C).
+"""Replies never cross, whatever the action writes on fd 3 (contract part C).
 
 Real servers, real WebSocket clients, actions that write lines nobody asked
 for: a stray line, garbage, a forked child that writes later, a forked child

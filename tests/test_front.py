@@ -1,4 +1,4 @@
-"""The front door and the HTTP side, over raw sockets (SPEC.md parts B and C):
+"""The front door and the HTTP side, over raw sockets (contract parts B and C):
 request heads of any size a browser sends, token lists, frames sent with an
 upgrade, connection mode's process slots, the token and origin on /init and
 /run, a timeout for every stage, aiohttp's lazy load, malformed requests."""

@@ -1,4 +1,4 @@
-"""Production WebSocket serving (SPEC.md part C): process modes, limits,
+"""Production WebSocket serving (contract part C): process modes, limits,
 timeouts, auth, metrics, and a bounded fuzz of the message path."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Push, channels and the management API on one replica (SPEC.md part D).
+"""Push, channels and the management API on one replica (contract part D).
 
 A real server with OW_API_TOKEN, real WebSocket clients (the `websockets`
 library, or a raw socket for a client that never reads) and plain HTTP to

@@ -1,4 +1,4 @@
-"""The management API across replicas over a real Redis (SPEC.md part D).
+"""The management API across replicas over a real Redis (contract part D).
 
 A private redis-server on a free loopback port (no persistence, its own
 folder) and two or three real `actionloop` replicas sharing it, each with

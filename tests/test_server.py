@@ -1,4 +1,4 @@
-"""The rest of SPEC.md part A against the real server: generic actions,
+"""The rest of contract part A against the real server: generic actions,
 OW_COMPILER, OW_EXECUTION_ENV, -compile, debug re-init, bad input."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""WebSocket mode and auto-init (SPEC.md part B), with a real client.
+"""WebSocket mode and auto-init (contract part B), with a real client.
 
 The client is the `websockets` library, not our code; each test starts the
 real `actionloop` command as a subprocess.

@@ -1,4 +1,4 @@
-"""The management API (SPEC.md part D): push to connections, channels, broadcast.
+"""The management API (contract part D): push to connections, channels, broadcast.
 
 It listens on its own port (OW_API_PORT), only when OW_API_TOKEN is set, and
 answers only requests that bear that token: it is never served on the

@@ -2,7 +2,7 @@
 
 The result is always a folder; a single file (source or executable) lands as
 `exec`, as in the reference proxy. Archives are checked whole before anything
-is written (SPEC.md part C, last point): only regular files and folders, no
+is written (contract part C): only regular files and folders, no
 entry may leave the folder, and the total size is bounded. Links, devices and
 fifos are refused outright rather than judged by where they point: that
 judgement is what tarfile's "data" filter gets wrong (CVE-2025-4517, a chain
@@ -44,7 +44,7 @@ ZIP_LINK_HINT = "Zip without -y (--symlinks), which stores what a link points to
 
 
 def is_executable_bytes(head: bytes) -> bool:
-    """An ELF binary or a `#!` script: run as-is (SPEC.md part A)."""
+    """An ELF binary or a `#!` script: run as-is (contract part A)."""
     return head.startswith((ELF_MAGIC, b"#!"))
 
 

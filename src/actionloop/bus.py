@@ -1,4 +1,4 @@
-"""The hub across replicas, over Redis (SPEC.md part D; OW_REDIS_URL).
+"""The hub across replicas, over Redis (contract part D; OW_REDIS_URL).
 
 What Redis holds, all under one prefix:
 - `replica:NAME`, a key each replica sets every HEARTBEAT seconds with an

@@ -471,7 +471,7 @@ async def serve_runtime(runtime: Runtime, announce: bool, read_from: str) -> int
         try:
             await runtime.autoinit(read_from or config.autoinit, config.autoinit_main, config.autoinit_sha256)
         except ActionLoopError as exc:
-            # Loud, so Kubernetes shows a failing pod (SPEC.md part C).
+            # Loud, so Kubernetes shows a failing pod (contract part C).
             log(f"actionloop: auto-init from {source.shown(config.autoinit)} failed: {one_line(exc.message)}")
             return 1
     if config.redis_url:
@@ -510,7 +510,7 @@ async def serve_runtime(runtime: Runtime, announce: bool, read_from: str) -> int
     if watcher is not None:
         watcher.start()
     await wait_for_signal()
-    # Graceful shutdown (SPEC.md part C). Not ready at once, yet new
+    # Graceful shutdown (contract part C). Not ready at once, yet new
     # connections are still taken for OW_DRAIN_DELAY, until every proxy has
     # heard that this pod is going (README: Shutdown); a second signal cuts
     # that short. Then no new connections; WebSockets hear 1001 once their

@@ -1,6 +1,6 @@
 """One frozen settings object, built from environment variables and flags.
 
-The `OW_*` names of the reference proxy keep their meaning (SPEC.md); the
+The `OW_*` names of the reference proxy keep their meaning (contract part A); the
 settings this project adds are listed in SETTINGS with their variables, so the
 README table and the parser cannot drift apart.
 """

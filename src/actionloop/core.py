@@ -12,7 +12,7 @@ Life of the conversation, one table (the only transitions there are):
     RUNNING  -> BROKEN    a line that is not the result it would be paired with
     any      -> ENDED     fd 3 closed (the process is gone)
 
-Which result belongs to whom (SPEC.md part C: replies never cross). The
+Which result belongs to whom (contract part C: replies never cross). The
 action takes its stdin lines one at a time and answers each with one line on
 fd 3, so results come back in the order the lines went out; up to DEPTH
 lines may be in flight. What makes a line the result of the activation it

@@ -20,7 +20,7 @@ ActionLoopError                 root: the message, the status, the metric kind
     │   └── ResultTooLarge      the result line is over OW_MAX_RESULT
     └── Desync                  the action wrote a line that is no one's result
 
-The messages of the OpenWhisk cases are part of the contract (SPEC.md part A):
+The messages of the OpenWhisk cases are part of the contract (contract part A):
 invokers and the runtime test suite compare them byte for byte.
 """
 

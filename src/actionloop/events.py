@@ -1,4 +1,4 @@
-"""Connection events for the action (OW_WEBSOCKET_EVENTS; SPEC.md part D), no I/O.
+"""Connection events for the action (OW_WEBSOCKET_EVENTS; contract part D), no I/O.
 
 On connect, before the handshake is answered, the action is invoked with
 `{"__ow_event": "connect", "__ow_connection_id", "__ow_headers", "__ow_query"}`;

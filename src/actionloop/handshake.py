@@ -1,4 +1,4 @@
-"""Whether a WebSocket handshake is accepted, with no I/O (SPEC.md parts B and C).
+"""Whether a WebSocket handshake is accepted, with no I/O (contract parts B and C).
 
 /init and /run take the origin and token rules (`request_refusal`).
 A handshake is refused before the upgrade, in this order:
@@ -32,7 +32,7 @@ class Refusal(NamedTuple):
 
 
 def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
-    """Compare the browser's Origin (not Host) with the allow-list (SPEC.md B).
+    """Compare the browser's Origin (not Host) with the allow-list (contract part B).
 
     An entry with a scheme must match scheme, host and port; a bare host name
     matches that host on any scheme and port. No Origin: not a browser, allowed.

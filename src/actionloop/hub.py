@@ -1,4 +1,4 @@
-"""Connections by id, and the channels they are in (SPEC.md part D).
+"""Connections by id, and the channels they are in (contract part D).
 
 The hub is what the management API (api.py) and the WebSocket endpoint share:
 every open connection joins it with an id unique across replicas, and leaves

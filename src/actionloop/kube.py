@@ -1,6 +1,6 @@
 """Settings to Kubernetes manifests (plain dicts); YAML only at the edge.
 
-One action file becomes a complete deployment (SPEC.md part B): a ConfigMap
+One action file becomes a complete deployment (contract part B): a ConfigMap
 holding the code, a Deployment running the runtime image with OW_WEBSOCKET and
 OW_AUTOINIT pointing into the mounted ConfigMap, a Service and an Ingress
 whose timeouts keep WebSockets open. The paths below must agree with
@@ -13,7 +13,7 @@ by the SHA-256 of the local file too). With more than one replica, or an
 autoscaler, a PodDisruptionBudget keeps all but one pod up through voluntary
 disruptions.
 
-With the management API (SPEC.md part D) the token comes from a Secret, the
+With the management API (contract part D) the token comes from a Secret, the
 API port is a second Service port that the Ingress never routes, and Redis,
 given or bundled as one Deployment without persistence, joins the replicas.
 """
@@ -271,7 +271,7 @@ def container(spec: KubeSpec) -> dict[str, Any]:
         "OW_DRAIN_DELAY": str(DRAIN_DELAY),
     }
     if spec.host:
-        # Browsers on other sites may not open WebSockets here (SPEC.md part B).
+        # Browsers on other sites may not open WebSockets here (contract part B).
         env["OW_WEBSOCKET_ORIGIN"] = spec.host
     if spec.demo:
         env["OW_DEMO"] = "1"

@@ -5,7 +5,7 @@ This file runs INSIDE the action process, in the user's Python environment
 standard library and nothing from the actionloop package. A copy of it sits in
 every prepared action folder beside `__main__.py`.
 
-The loop (SPEC.md part A, "The ActionLoop program side"): import the action,
+The loop (contract part A, "The ActionLoop program side"): import the action,
 write `{"ok": true}` on fd 3, then for each JSON line on stdin call the entry
 point with its `value` and write the result as one JSON line on fd 3. Every
 other key of the line reaches the action as `__OW_<KEY>` in its environment.
@@ -108,7 +108,7 @@ def unset_env(key: str, environ: Any = os.environ) -> None:
         environ.pop(key, None)
 
 
-# The __OW_ variables the server gave the process itself (SPEC.md part A).
+# The __OW_ variables the server gave the process itself (contract part A).
 STARTED_WITH = {key: value for key, value in os.environ.items() if key.startswith("__OW_")}
 
 

@@ -1,4 +1,4 @@
-"""The front door: one port for HTTP and WebSocket (SPEC.md part B).
+"""The front door: one port for HTTP and WebSocket (contract part B).
 
 It reads the head of each connection's first request. An upgrade to a
 WebSocket at OW_WEBSOCKET's path goes straight to picows (websocket.py);
@@ -7,7 +7,7 @@ aiohttp takes longer than the rest of start-up together (mostly the TLS setup
 of its HTTP client, which we never use), and a pod serving WebSockets need not
 pay for it before its first answer. With no WebSocket path it loads at once.
 
-What a client can make it hold is bounded (SPEC.md part C; README: Limits):
+What a client can make it hold is bounded (contract part C; README: Limits):
 a head of HEAD_LIMIT bytes (431 beyond, never silence), sent within
 OW_HEAD_TIMEOUT seconds.
 """
@@ -100,7 +100,7 @@ class Endpoints:
         return found is None
 
     def connect_event(self, transport: asyncio.Transport, head: bytes, tail: bytes) -> None:
-        """Invoke the action with the connect event, then upgrade or refuse as it says (SPEC.md part D)."""
+        """Invoke the action with the connect event, then upgrade or refuse as it says (contract part D)."""
         runtime = self.runtime
         connection = runtime.hub.new_id()
         transport.pause_reading()
@@ -138,7 +138,7 @@ class FirstRequest(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment] # a TCP transport
-        timeout = self.endpoints.runtime.config.head_timeout  # SPEC.md part C: slow requests are bounded
+        timeout = self.endpoints.runtime.config.head_timeout  # contract part C: slow requests are bounded
         self.timer = asyncio.get_running_loop().call_later(timeout, transport.close)
 
     def data_received(self, data: bytes) -> None:

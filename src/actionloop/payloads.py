@@ -1,6 +1,6 @@
 """/init and /run bodies to typed values, with the reference's statuses.
 
-Statuses and messages follow SPEC.md part A (the table under POST /init).
+Statuses and messages follow contract part A (the table under POST /init).
 """
 
 from __future__ import annotations

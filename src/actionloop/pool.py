@@ -2,7 +2,7 @@
 
 - `Single` is one action process and its callers, served in arrival order
   (a FIFO queue), one activation at a time: the reference's model made safe,
-  replies never cross (SPEC.md part C). The `shared` mode is one `Single`
+  replies never cross (contract part C). The `shared` mode is one `Single`
   for every caller; the `connection` mode, one `Single` per connection (the
   runtime creates and closes them).
 - `Pool` is several `Single`s; each activation takes the one idle the

@@ -1,6 +1,6 @@
 """Turn unpacked code into a runnable action folder with an `exec` in it.
 
-Three kinds of action (SPEC.md part A, POST /init):
+Three kinds of action (contract part A, POST /init):
 - an executable `exec` (ELF or `#!`): a generic ActionLoop program, run as-is;
 - with `OW_COMPILER` set: `compiler MAIN SRC BIN` must produce `BIN/exec`;
 - otherwise Python: `__main__.py` (a lone source arrives as `exec`), run by

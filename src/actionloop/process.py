@@ -3,7 +3,7 @@
 This module owns every OS handle of an action process: its stdin pipe, its
 result pipe (fd 3 in the child), its pidfd and its process group. The child's
 stdout and stderr are the server's own, as OpenWhisk collects them as the
-action's logs (SPEC.md part A). Which result belongs to which activation is
+action's logs (contract part A). Which result belongs to which activation is
 the protocol's business, not this module's: see core.py.
 
 Life of a process, one table (the only transitions there are):
@@ -278,7 +278,7 @@ class ActionProcess:
         keeps their order).
 
         The end-of-activation sentinel goes to stdout and stderr after every
-        activation, answered or not (SPEC.md part A; the reference does too).
+        activation, answered or not (contract part A; the reference does too).
         Nothing here waits: the result arrives through the fd 3 pipe.
         """
         if not self.room:
@@ -348,7 +348,7 @@ class ActionProcess:
             self._deliver(outcomes)
 
     def _broken(self, fault: str) -> None:
-        """The action broke the protocol: say so, and kill it (SPEC.md part C)."""
+        """The action broke the protocol: say so, and kill it (contract part C)."""
         if self.state is State.READY:
             sys.stderr.write(f"actionloop: action process {self.pid}: {fault}; it is restarted\n")
             sys.stderr.flush()

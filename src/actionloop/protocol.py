@@ -1,7 +1,7 @@
 """The ActionLoop line protocol, with no I/O.
 
 An action process reads one JSON line per activation on stdin and writes one
-JSON line per activation on fd 3 (SPEC.md part A, "The ActionLoop program
+JSON line per activation on fd 3 (contract part A, "The ActionLoop program
 side"). This module builds the stdin lines and checks the fd 3 lines; the
 process layer moves the bytes.
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-# OpenWhisk's log collector splits activations on this line (SPEC.md part A).
+# OpenWhisk's log collector splits activations on this line (contract part A).
 SENTINEL = b"XXX_THE_END_OF_A_WHISK_ACTIVATION_XXX\n"
 
 JSON_ERRORS = (ValueError, TypeError, RecursionError)
@@ -70,7 +70,7 @@ def run_line(body: dict[str, Any]) -> bytes:
 
 
 def message_body(value: Any, meta: dict[str, str]) -> dict[str, Any]:
-    """The activation body for one WebSocket message (SPEC.md part B and C)."""
+    """The activation body for one WebSocket message (contract part B and C)."""
     body: dict[str, Any] = dict(meta)
     body["value"] = value
     return body

@@ -1,4 +1,4 @@
-"""Process hygiene beyond an action's own process group (STYLE.md habit 10).
+"""Process hygiene beyond an action's own process group: no zombies, no orphans.
 
 An action process runs in a process group of its own, which its stop kills
 whole (process.py). A child that leaves the group (setsid, a daemon) would

@@ -2,7 +2,7 @@
 
 This is what /init, /run, the WebSocket endpoint and auto-init share; the
 server only translates HTTP and WebSocket to these calls. Statuses and
-messages follow SPEC.md part A.
+messages follow contract part A.
 """
 
 from __future__ import annotations
@@ -199,13 +199,13 @@ class Runtime:
         return start
 
     def action_env(self, init_env: Mapping[str, str]) -> dict[str, str]:
-        """The action's environment (SPEC.md part A, the `env` rules)."""
+        """The action's environment (contract part A, the `env` rules)."""
         env = dict(os.environ)
         env.update(init_env)
         env["__OW_PROXY_VERSION"] = __version__
         env["__OW_EXECUTION_ENV"] = self.config.execution_env
         env["__OW_WAIT_FOR_ACK"] = "1" if self.config.wait_for_ack else ""
-        if self.config.api_token:  # the management API, for pushes (SPEC.md part D)
+        if self.config.api_token:  # the management API, for pushes (contract part D)
             env["__OW_API_URL"] = f"http://127.0.0.1:{self.config.api_port}"
             env["__OW_API_TOKEN"] = self.config.api_token
         env.setdefault("PYTHONIOENCODING", "UTF-8")
@@ -284,7 +284,7 @@ class Runtime:
                 log(f"actionloop: {self._events_pending} disconnect events were still running at exit")
 
     def activation_meta(self, connection: str) -> dict[str, str]:
-        """The per-activation keys of a WebSocket message (SPEC.md part C)."""
+        """The per-activation keys of a WebSocket message (contract part C)."""
         meta = {"activation_id": next(self._activation_ids), "connection_id": connection}
         timeout = self.config.message_timeout
         if timeout:
@@ -293,7 +293,7 @@ class Runtime:
         return meta
 
     def session(self, connection: str) -> Session:
-        """A WebSocket connection's view of the action (SPEC.md part C modes).
+        """A WebSocket connection's view of the action (contract part C modes).
 
         In connection mode the connection gets a process of its own, started
         by `Session.open` and stopped by `Session.close`; past
@@ -316,7 +316,7 @@ class Runtime:
             raise Unavailable("Too many connections with their own action process; try again later.")
 
     async def autoinit(self, location: str, main: str, sha256: str = "") -> None:
-        """Initialise from a file or URL as if it came to /init (SPEC.md part B)."""
+        """Initialise from a file or URL as if it came to /init (contract part B)."""
         code = await source.read(location, sha256, self.config.max_archive)
         # Binary lets unpack tell zip, tar.gz, executable and source apart.
         await self.init(InitRequest(code, binary=True, main=main))

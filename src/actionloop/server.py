@@ -1,7 +1,7 @@
 """HTTP: /init and /run, health, metrics, the demo page. Thin translation only.
 
 Every decision lives in the runtime; this module turns requests into runtime
-calls and runtime answers (or errors) into responses (SPEC.md parts A and B).
+calls and runtime answers (or errors) into responses (contract parts A and B).
 The front door (listener.py) hands aiohttp every connection that does not
 open with a WebSocket upgrade.
 """
@@ -165,7 +165,7 @@ async def handle_ready(request: web.Request) -> web.Response:
     bus = runtime.hub.bus
     if bus is not None:
         # Said, not acted on: with Redis down this replica still serves its
-        # own connections, and every replica would fail together (SPEC.md D).
+        # own connections, and every replica would fail together (contract part D).
         state["redis"] = "up" if bus.up else "down"
     return json_response(protocol.dumps(state), 200 if ready else 503)
 

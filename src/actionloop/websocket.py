@@ -4,7 +4,7 @@ picows frames every WebSocket connection. The front door (listener.py) hands
 it a connection whose first request is an upgrade at OW_WEBSOCKET's path; so
 does aiohttp for the rare upgrade on a connection it has served before. The
 rules for accepting a handshake are handshake.py's; this module parses each
-message, hands it to the runtime and formats the reply (SPEC.md part B).
+message, hands it to the runtime and formats the reply (contract part B).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ GOING_AWAY = b"server shutting down"
 READ_AHEAD = 64 * 1024
 # Each frame of a message, and each message waiting, counts for at least this
 # many bytes against OW_WEBSOCKET_MAX_MESSAGE and READ_AHEAD: empty ones are
-# bounded in number too (SPEC.md part C), at 65,536 frames a message and
+# bounded in number too (contract part C), at 65,536 frames a message and
 # 1,024 messages waiting on the defaults.
 FRAME_COST = 64
 # Close codes a client may send (RFC 6455 7.4; 1012-1014 registered since).
@@ -72,7 +72,7 @@ class Sockets:
         self.draining = False
 
     async def closed(self, timeout: float) -> None:
-        """Wait up to `timeout` for every connection to end (SPEC.md part C).
+        """Wait up to `timeout` for every connection to end (contract part C).
 
         Those still open then hear 1001 too, their work in hand unanswered,
         and get LAST_CLOSE_WAIT seconds to answer it before they are cut.
@@ -162,7 +162,7 @@ def upgrade(
 
 class Conversation(WSListener):
     """Continuous mode on one connection: each message invokes the action and
-    its reply goes back, one message at a time, in order (SPEC.md part B).
+    its reply goes back, one message at a time, in order (contract part B).
 
     Everything here is a callback from picows or the runtime: no task per
     message. Messages that arrive while one is being answered wait in
@@ -210,7 +210,7 @@ class Conversation(WSListener):
         self.metrics.opened += 1
         # A process slot (connection mode) is taken only now that picows has
         # accepted the handshake, so one it refuses after answer_handshake
-        # holds none (SPEC.md part C); answer_handshake checked for room in
+        # holds none (contract part C); answer_handshake checked for room in
         # this same call, so there is room.
         self.session = self.runtime.session(self.session.connection)
         timeout = self.runtime.config.idle_timeout
@@ -424,7 +424,7 @@ class Conversation(WSListener):
         send(transport, self.reply_type, data)
         self.metrics.sent += 1
         if self.sockets.draining:
-            # The in-flight reply is out; now say goodbye (SPEC.md part C).
+            # The in-flight reply is out; now say goodbye (contract part C).
             self.close(WSCloseCode.GOING_AWAY, GOING_AWAY)
         else:
             self._pump()
@@ -445,7 +445,7 @@ class Conversation(WSListener):
         text. False if it cannot: the connection is closing.
 
         A client whose unread messages pile up past PUSH_BACKLOG is closed
-        with 1008 rather than held in memory (SPEC.md part C: bounded).
+        with 1008 rather than held in memory (contract part C: bounded).
         """
         transport = self.transport
         if transport is None or self.closing or transport.is_disconnected:
