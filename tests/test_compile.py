@@ -306,6 +306,19 @@ def test_pip_gets_no_runtime_secret_at_init(start_server: Any, tmp_path: Path) -
     assert_no_secret(body["error"] + server.err())
 
 
+def test_runtime_environment_file_is_redacted(start_server: Any, tmp_path: Path) -> None:
+    """`-r /proc/<the runtime's pid>/environ` (in a pod, /proc/1): pip quotes it, but not our secrets."""
+    env = {**SECRETS, "OW_API_PORT": str(free_port()), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path)}
+    env.pop("OW_REDIS_URL")
+    server = start_server(env)
+    reads = f"-r /proc/{server.process.pid}/environ\n"
+    code = make_zip({"__main__.py": "def main(args):\n    return {}\n", "requirements.txt": reads})
+    value = {"code": b64(code), "main": "main", "binary": True}
+    status, body = server.post(f"/init?token={SECRETS['OW_WEBSOCKET_TOKEN']}", {"value": value})
+    assert status == 502 and "Invalid requirement" in body["error"] and "[redacted]" in body["error"], body
+    assert_no_secret(body["error"] + server.err())
+
+
 # A local package whose build backend is its own (PEP 517 backend-path), so
 # pip builds it, editable or not, with nothing to download.
 LOCAL_PYPROJECT = """\

@@ -66,6 +66,11 @@ def test_readme_lists_every_setting() -> None:
         ("https://example.com/a.zip", "", False),
         ("https://example.com/a.zip", "0" * 63, False),
         ("file:///code/a.zip", "0" * 64, False),
+        ("HTTPS://example.com/a.zip", "0" * 64, True),
+        ("https://example.com/a b.zip", "0" * 64, False),
+        ("https://u:p@[::1/a.zip", "0" * 64, False),
+        ("https:///a.zip", "0" * 64, False),
+        ("https://example.com:99999/a.zip", "0" * 64, False),
     ],
 )
 def test_autoinit_url_needs_a_sha256(autoinit: str, sha256: str, ok: bool) -> None:
@@ -92,3 +97,19 @@ def test_flags_complete_the_environment() -> None:
     of `actionloop serve FILE` (or --autoinit) is a setting, and a flag of None leaves a variable alone."""
     config = from_env({"OW_AUTOINIT_SHA256": "0" * 64, "OW_PORT": "9000"}, {"autoinit": "a.py", "port": None})
     assert (config.autoinit, config.autoinit_sha256, config.port) == ("a.py", "0" * 64, 9000)
+
+
+@pytest.mark.parametrize("path", ["hello", "/a//b", "/a/./b", "/a/..", "/x?y", "/x#y", "/a b", "/%41"])
+def test_websocket_path_checked(path: str) -> None:
+    """OW_WEBSOCKET is an absolute path without empty, . or .. segments, query, fragment or escapes."""
+    with pytest.raises(ValueError, match="OW_WEBSOCKET"):
+        from_env({"OW_WEBSOCKET": path})
+    assert from_env({"OW_WEBSOCKET": "/hello/ws"}).websocket == "/hello/ws"
+
+
+def test_secret_free_messages_for_bad_urls() -> None:
+    """A refused URL's message shows neither its password nor its query."""
+    for url in ["https://u:pw-123@ex.com/a b?sig=sig-456", "http://u:pw-123@[::1/x?sig=sig-456"]:
+        with pytest.raises(ValueError) as caught:
+            from_env({"OW_AUTOINIT": url, "OW_AUTOINIT_SHA256": "0" * 64})
+        assert "pw-123" not in str(caught.value) and "sig-456" not in str(caught.value)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__, archive, source
-from .config import Config, add_flags, flag_values, from_env
+from .config import Config, add_flags, flag_values, from_env, path_problem
 from .errors import ActionLoopError
 from .listener import Endpoints, listen
 from .prepare import prepare
@@ -113,7 +113,7 @@ def kube_parser() -> argparse.ArgumentParser:
         type=app_name,
         help="name of the ConfigMap, Deployment, Service and Ingress (lowercase letters, digits and -)",
     )
-    parser.add_argument("--path", default="/hello", help="WebSocket path (default /hello)")
+    parser.add_argument("--path", default="/hello", type=ws_path, help="WebSocket path (default /hello)")
     parser.add_argument("--host", default="", help="Ingress host; also the only allowed browser Origin")
     count = parser.add_mutually_exclusive_group()
     count.add_argument("--replicas", type=int, help="pods (default 1)")
@@ -258,8 +258,19 @@ def http_url(text: str) -> str:
     """`--url URL`: what the runtime will fetch (README: Auto-init from a URL)."""
     import argparse
 
-    if not text.startswith(("https://", "http://")):
-        raise argparse.ArgumentTypeError("the URL starts with https:// (or http://)")
+    from .source import url_problem
+
+    if why := url_problem(text):
+        raise argparse.ArgumentTypeError(why)
+    return text
+
+
+def ws_path(text: str) -> str:
+    """`--path`: the WebSocket path, and an Ingress path, refused now rather than by the pods or the API server."""
+    import argparse
+
+    if why := path_problem(text):
+        raise argparse.ArgumentTypeError(why)
     return text
 
 

@@ -128,14 +128,17 @@ class Config:
     def __post_init__(self) -> None:
         if self.mode not in ("shared", "pool", "connection"):
             raise ValueError(f"process mode {self.mode!r} is not one of shared, pool, connection")
+        if self.websocket and (why := path_problem(self.websocket)):
+            raise ValueError(f"OW_WEBSOCKET={self.websocket!r}: {why}")
         self._check_autoinit()
 
     def _check_autoinit(self) -> None:
         """Code from a URL runs only if it is the code expected (source.py)."""
-        if "://" in self.autoinit and not self.autoinit.startswith(("https://", "http://")):
-            from .source import shown  # never a URL's credential in a message
+        if "://" in self.autoinit:
+            from .source import shown, url_problem  # never a URL's credential in a message
 
-            raise ValueError(f"OW_AUTOINIT={shown(self.autoinit)!r}: a file path, or an https:// or http:// URL")
+            if why := url_problem(self.autoinit):
+                raise ValueError(f"OW_AUTOINIT={shown(self.autoinit)!r}: {why}")
         if self.autoinit_sha256 and not re.fullmatch(r"[0-9a-fA-F]{64}", self.autoinit_sha256):
             raise ValueError(f"OW_AUTOINIT_SHA256={self.autoinit_sha256!r}: not a sha256 (64 hex digits)")
         if self.autoinit_sha256 and not self.autoinit:
@@ -143,7 +146,7 @@ class Config:
             # --action-in-image` whose image was built without ACTION would
             # otherwise serve no action at all, quietly.
             raise ValueError("OW_AUTOINIT_SHA256 is set but OW_AUTOINIT is not: there is no code to check")
-        if self.autoinit.startswith(("https://", "http://")) and not self.autoinit_sha256:
+        if "://" in self.autoinit and not self.autoinit_sha256:
             raise ValueError(
                 "OW_AUTOINIT is a URL: set OW_AUTOINIT_SHA256 to the sha256 of its content (sha256sum FILE)"
             )
@@ -155,6 +158,17 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def path_problem(path: str) -> str:
+    """Why `path` cannot be the WebSocket path (an Ingress path too); "" if it can."""
+    if not path.startswith("/"):
+        return "a path starts with / (such as /hello)"
+    if re.search(r"[\x00-\x20\x7f?#%]", path):
+        return "a path has no spaces, control characters, ?, # or %"
+    if "//" in path or re.search(r"/\.\.?(/|$)", path):
+        return "a path has no empty, . or .. segments"
+    return ""
 
 
 def _convert(kind: Any, text: str) -> Any:

@@ -26,6 +26,7 @@ import json
 import math
 import re
 import secrets
+import urllib.parse
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
@@ -536,6 +537,11 @@ def caveats(spec: KubeSpec, code: bytes) -> list[str]:
             f"the ConfigMap {spec.name}-code is too big for client-side `kubectl apply` (it copies the "
             f"object into an annotation, and annotations may hold {ANNOTATIONS_LIMIT:,} bytes): "
             "use `kubectl apply --server-side -f -` (or `kubectl create -f -`)"
+        )
+    if spec.url and (urllib.parse.urlsplit(spec.url).username is not None or urllib.parse.urlsplit(spec.url).query):
+        found.append(
+            "the --url carries a credential (user:password@ or a query such as a signature) and the "
+            "Deployment shows it in plain text: keep OW_AUTOINIT in a Secret instead (README: Auto-init from a URL)"
         )
     if spec.management and spec.several and not spec.redis:
         alone = "the API of each replica reaches only its own connections"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import py_compile
+import re
 import shutil
 import subprocess
 import sys
@@ -237,8 +238,28 @@ def _build_step(command: list[str], folder: Path, failure: str) -> None:
     except OSError as exc:
         raise PrepareError(f"{failure} did not run: {exc}") from exc
     if done.returncode != 0:
-        output = done.stdout.decode(errors="replace").strip().splitlines()[-OUTPUT_LINES:]
+        output = redacted(done.stdout.decode(errors="replace")).strip().splitlines()[-OUTPUT_LINES:]
         raise PrepareError("\n".join([f"{failure} exited with status {done.returncode}", *output]))
+
+
+def _secret(key: str, value: str) -> bool:
+    """A private variable whose value may be a secret (a token, a key, a URL with a password)."""
+    named = re.search(r"TOKEN|KEY|SECRET|PASSWORD|AUTH|URL|AUTOINIT", key) or key.startswith(("__OW_", "ACTIONLOOP_"))
+    return bool(named) and key.startswith(PRIVATE_ENV) and len(value) >= 6
+
+
+def redacted(output: str) -> str:
+    """pip's output without the values of our private variables.
+
+    pip no longer gets them, but a requirements line can still name the
+    server's own environment file (`-r /proc/1/environ` in a container),
+    and pip quotes what it cannot parse: into the 502 and the logs. The
+    values are cut out, and the NULs that separate them.
+    """
+    secrets = sorted((value for key, value in os.environ.items() if _secret(key, value)), key=len, reverse=True)
+    for secret in secrets:
+        output = output.replace(secret, "[redacted]")
+    return output.replace("\0", " ")
 
 
 def _drop_links(venv: Path) -> None:

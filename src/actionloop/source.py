@@ -26,6 +26,7 @@ import base64
 import hashlib
 import http.client
 import io
+import re
 import urllib.error
 import urllib.parse
 import urllib.request  # loaded with the server anyway (aiohttp imports it)
@@ -45,7 +46,24 @@ CHUNK = 1 << 16
 
 
 def is_url(location: str) -> bool:
-    return location.startswith(URL_SCHEMES)
+    return location[:8].lower().startswith(URL_SCHEMES)
+
+
+def url_problem(url: str) -> str:
+    """Why `url` cannot be fetched, whatever the network says; "" if it can.
+    (A setting refused at start, not a download retried three times.)"""
+    if not is_url(url):
+        return "a file path, or an https:// or http:// URL"
+    if re.search(r"[\x00-\x20\x7f]", url):
+        return "a URL has no spaces or control characters (write a space as %20)"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
+        return f"not a valid URL ({exc})"
+    if not parts.hostname:
+        return "a URL names a host"
+    return ""
 
 
 def shown(location: str) -> str:
@@ -54,7 +72,10 @@ def shown(location: str) -> str:
     signature); a file path as it is."""
     if "://" not in location:
         return location
-    parts = urllib.parse.urlsplit(location)
+    try:
+        parts = urllib.parse.urlsplit(location)
+    except ValueError:  # not a URL: show only what cannot be a secret
+        return location.partition("://")[0] + "://…"
     host = parts.netloc.rpartition("@")[2]
     return f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else "")
 
@@ -134,6 +155,8 @@ def _get(url: str, limit: int) -> bytes:
         if "CERTIFICATE_VERIFY_FAILED" in why:
             raise SourceError(f"cannot fetch {shown(url)}: {why}") from exc
         raise _Passing(why) from exc
+    except ValueError as exc:  # a redirect to a URL urllib cannot use; its text repeats the URL
+        raise SourceError(f"cannot fetch {shown(url)}: a redirect to an invalid URL") from exc
 
 
 def _credentials(url: str) -> tuple[str, str]:
