@@ -56,6 +56,14 @@ def build_wheel(folder: Path, name: str = "tinydep", version: str = "1.0") -> Pa
     return wheel
 
 
+def wheel_folder(tmp_path: Path, name: str = "tinydep", version: str = "1.0") -> Path:
+    """tmp_path/wheels, holding one wheel made by hand: what PIP_FIND_LINKS points at."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    build_wheel(wheels, name, version)
+    return wheels
+
+
 def compile_action(code: bytes, wheels: Path, folder: Path) -> subprocess.CompletedProcess[bytes]:
     """`actionloop -compile main` with pip kept off the network, to the wheel folder only."""
     env = {**IMAGE_ENV, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)}
@@ -72,9 +80,7 @@ def compile_action(code: bytes, wheels: Path, folder: Path) -> subprocess.Comple
 
 def test_compile_installs_requirements(start_server: Any, tmp_path: Path) -> None:
     """requirements.txt becomes virtualenv/ in the prepared zip, and the action runs with it."""
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    build_wheel(wheels)
+    wheels = wheel_folder(tmp_path)
     source = make_zip({"__main__.py": USES_TINYDEP, "requirements.txt": "tinydep==1.0\n"})
     done = compile_action(source, wheels, tmp_path)
     assert done.returncode == 0, done.stderr.decode()
@@ -129,9 +135,7 @@ def test_compile_fails_when_pip_fails(tmp_path: Path) -> None:
 
 def test_init_installs_requirements_too(start_server: Any, tmp_path: Path) -> None:
     """As in the official image, /init builds the virtualenv as well; pip's failure is the 502's reason."""
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    build_wheel(wheels)
+    wheels = wheel_folder(tmp_path)
     server = start_server({"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)})
     missing = make_zip({"__main__.py": USES_TINYDEP, "requirements.txt": "tinydep==2.0\n"})
     status, body = server.init(b64(missing), binary=True)
@@ -148,9 +152,7 @@ def test_compile_ignores_what_the_runtime_has(tmp_path: Path) -> None:
     # The runtime's own pip installs: it must look at the new virtualenv, not
     # at its own site-packages, where aiohttp has put multidict.
     assert importlib.metadata.version("multidict") != "0.0.1"
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    build_wheel(wheels, "multidict", "0.0.1")
+    wheels = wheel_folder(tmp_path, "multidict", "0.0.1")
     source = make_zip(
         {"__main__.py": "import multidict\ndef main(args):\n    return {}\n", "requirements.txt": "multidict\n"}
     )
@@ -163,9 +165,7 @@ def test_compile_ignores_what_the_runtime_has(tmp_path: Path) -> None:
 
 def test_build_virtualenv_without_the_runtimes_pip(tmp_path: Path) -> None:
     """A runtime Python with no pip of its own puts pip in the virtualenv and installs with that."""
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    build_wheel(wheels)
+    wheels = wheel_folder(tmp_path)
     action = tmp_path / "action"
     action.mkdir()
     (action / "requirements.txt").write_text("tinydep==1.0\n")
@@ -221,9 +221,7 @@ def pyc_flags(data: bytes) -> int:
 
 def test_compiled_bytecode_survives_unpack(start_server: Any, tmp_path: Path) -> None:
     """The zip's bytecode is checked by hash, so after an unpack (new file times) nothing is compiled again."""
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    build_wheel(wheels)
+    wheels = wheel_folder(tmp_path)
     source = make_zip({"__main__.py": CHECKS_BYTECODE, "requirements.txt": "tinydep==1.0\n"})
     done = compile_action(source, wheels, tmp_path)
     assert done.returncode == 0, done.stderr.decode()

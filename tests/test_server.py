@@ -219,11 +219,9 @@ def test_concurrent_inits_with_requirements_in_debug_mode(start_server: Any, tmp
     then through its file object), and the second close could hit a pipe that
     pip's thread had just been given: 4 to 9 in 60 failed with EBADF.
     """
-    from test_compile import USES_TINYDEP, build_wheel
+    from test_compile import USES_TINYDEP, wheel_folder
 
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    build_wheel(wheels)
+    wheels = wheel_folder(tmp_path)
     server = start_server({"OW_DEBUG": "1", "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)})
     code = b64(make_zip({"__main__.py": USES_TINYDEP, "requirements.txt": "tinydep==1.0\n"}))
     answers: list[tuple[int, Any]] = []
