@@ -43,8 +43,8 @@ from deploy_helpers import (
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from actionloop.cli import kube_parser
 from actionloop.config import from_env
+from actionloop.kube_cli import kube_parser
 
 TIMEOUT = 20 * TIME_FACTOR
 
