@@ -1,4 +1,4 @@
-"""Where the auto-init code comes from: a file, or an http(s) URL (README: Large actions).
+"""Where the auto-init code comes from: a file, or an http(s) URL (README: Auto-init from a URL).
 
 A ConfigMap holds at most 1 MiB, so a large action (a zip with its
 virtualenv) is fetched from a URL at start-up instead. What is fetched runs
