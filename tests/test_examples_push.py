@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -30,7 +29,7 @@ import pytest
 import redis
 from browsers.drivers import Chromium, launched, time_limit
 from conftest import EXAMPLES, TIME_FACTOR, Server, ask, free_port
-from deploy_helpers import Nginx, generate, need
+from deploy_helpers import Nginx, RedisServer, generate
 from websockets.sync.client import ClientConnection, connect
 
 TIMEOUT = 20 * TIME_FACTOR
@@ -41,47 +40,9 @@ Message = dict[str, Any]
 # ------------------------------------------------------------ the parts
 
 
-class RedisServer:
-    """A private redis-server on a free port, without persistence (ENVIRONMENT.md)."""
-
-    def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            [
-                need("redis-server"),
-                *("--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
-                *("--dir", str(folder), "--logfile", str(folder / "redis.log")),
-            ],
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        self.client = redis.Redis(port=self.port, decode_responses=True)
-        until(self._pong, "redis-server did not answer")
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def _pong(self) -> bool:
-        try:
-            return bool(self.client.ping())
-        except redis.ConnectionError:
-            return False
-
-    def stop(self) -> None:
-        self.client.close()
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
+    server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
 
@@ -322,7 +283,8 @@ def test_feed_one_consumer_per_pod(start_server: Any, redis_server: RedisServer,
     """50 clients on two replicas get 20 stream entries each, in order, once; one consumer per replica throughout."""
     env = {"OW_REDIS_URL": redis_server.url} if joined else {"FEED_REDIS_URL": redis_server.url}
     replicas = [replica(start_server, "feed.py", "/feed", HOSTNAME=f"pod-{n}", **env) for n in range(2)]
-    before = until(lambda: len(consumers(redis_server.client)) == 2 and consumers(redis_server.client), "consumers")
+    store = redis.Redis(port=redis_server.port, decode_responses=True, single_connection_client=True)
+    before = until(lambda: len(consumers(store)) == 2 and consumers(store), "consumers")
     assert sorted(before) == ["feed@pod-0", "feed@pod-1"]
     with contextlib.ExitStack() as stack:
         clients = [
@@ -331,16 +293,17 @@ def test_feed_one_consumer_per_pod(start_server: Any, redis_server: RedisServer,
         for ws in clients:
             assert ask(ws, {"subscribe": True}) == {"subscribed": "feed"}
         assert [open_connections(r) for r in replicas] == [25, 25]
-        ids = [redis_server.client.xadd("feed", {"n": str(n)}) for n in range(20)]
+        ids = [store.xadd("feed", {"n": str(n)}) for n in range(20)]
         for ws in clients:
             got = [json.loads(ws.recv(timeout=TIMEOUT)) for _ in ids]
             assert [(m["id"], m["fields"]) for m in got] == [(id_, {"n": str(n)}) for n, id_ in enumerate(ids)]
         # Exactly once: the next thing each client gets is the entry after them.
-        last = redis_server.client.xadd("feed", {"n": "last"})
+        last = store.xadd("feed", {"n": "last"})
         for ws in clients:
             assert json.loads(ws.recv(timeout=TIMEOUT)) == {"stream": "feed", "id": last, "fields": {"n": "last"}}
         # One consumer per pod, the same connection all along, however many
         # clients; and no other connection reads the stream.
-        assert consumers(redis_server.client) == before
-        readers = {c["name"]: c["id"] for c in redis_server.client.client_list() if c["cmd"] == "xread"}
+        assert consumers(store) == before
+        readers = {c["name"]: c["id"] for c in store.client_list() if c["cmd"] == "xread"}
         assert readers == before
+    store.close()

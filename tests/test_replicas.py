@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -27,70 +25,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TIME_FACTOR, Server, free_port
+from conftest import TIME_FACTOR, Server
+from deploy_helpers import RedisServer
 from test_push import API, TIMEOUT, client, nothing_more, pushing, receive, until
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 # What README promises: a dead replica's connections read as gone within 10 s.
 REPLICA_TTL = 10.0
 # A publish reaches a subscriber once: after the last one, this long for a duplicate to show.
 GRACE = 1.0 * TIME_FACTOR
 
-pytestmark = pytest.mark.skipif(not os.access(REDIS_SERVER, os.X_OK), reason="redis-server is not installed")
-
-
-class Redis:
-    """A private redis-server: loopback only, no persistence, its own folder; stopped by its pid."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> Redis:
-        self.folder.mkdir(exist_ok=True)
-        command = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        command += ["--dir", str(self.folder), "--logfile", str(self.folder / "log")]
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
-        until(self.answers, "redis-server did not answer PING")
-        return self
-
-    def answers(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5 * TIME_FACTOR)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
 
 @pytest.fixture
-def redis(tmp_path: Path) -> Iterator[Redis]:
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A private Redis, stopped at the end of the test."""
-    server = Redis(tmp_path / "redis").start()
+    server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
 
 
-def replica(start_server: Any, tmp_path: Path, redis: Redis, name: str) -> tuple[Server, API]:
+def replica(start_server: Any, tmp_path: Path, redis: RedisServer, name: str) -> tuple[Server, API]:
     """One replica joined to `redis`, its HOSTNAME `name`; returns once it has reached Redis."""
     server, api = pushing(start_server, tmp_path, {"OW_REDIS_URL": redis.url, "HOSTNAME": name})
     redis_says(server, "up")
@@ -139,7 +94,7 @@ def exactly(expected: dict[ClientConnection, list[Any]]) -> None:
         nothing_more(ws, 0.01)
 
 
-def test_send_and_describe_across_replicas(start_server: Any, tmp_path: Path, redis: Redis) -> None:
+def test_send_and_describe_across_replicas(start_server: Any, tmp_path: Path, redis: RedisServer) -> None:
     """Replica 1's API sends to, describes, subscribes and closes a connection of replica 2."""
     _, one = replica(start_server, tmp_path, redis, "replica1")
     two_server, two = replica(start_server, tmp_path, redis, "replica2")
@@ -166,7 +121,7 @@ def test_send_and_describe_across_replicas(start_server: Any, tmp_path: Path, re
     assert one.call("GET", "/connections/replica2-abcdef-99")[0] == 410
 
 
-def test_publish_and_broadcast_reach_everyone_once(start_server: Any, tmp_path: Path, redis: Redis) -> None:
+def test_publish_and_broadcast_reach_everyone_once(start_server: Any, tmp_path: Path, redis: RedisServer) -> None:
     """3 replicas, 3 subscribers and 1 bystander each: every publish and broadcast arrives exactly once."""
     replicas = [replica(start_server, tmp_path, redis, f"replica{n}") for n in (1, 2, 3)]
     with ExitStack() as stack:
@@ -196,7 +151,7 @@ def test_publish_and_broadcast_reach_everyone_once(start_server: Any, tmp_path: 
         exactly({ws: [{"b": n} for n in range(10)] for ws in everyone})
 
 
-def test_killed_replica_reads_as_gone(start_server: Any, tmp_path: Path, redis: Redis) -> None:
+def test_killed_replica_reads_as_gone(start_server: Any, tmp_path: Path, redis: RedisServer) -> None:
     """A replica killed with SIGKILL: its connections read as gone (410) on the others within 10 s."""
     _, one = replica(start_server, tmp_path, redis, "replica1")
     two_server, _ = replica(start_server, tmp_path, redis, "replica2")
@@ -219,7 +174,7 @@ def test_killed_replica_reads_as_gone(start_server: Any, tmp_path: Path, redis: 
         ws.close_socket()
 
 
-def test_redis_outage_and_return(start_server: Any, tmp_path: Path, redis: Redis) -> None:
+def test_redis_outage_and_return(start_server: Any, tmp_path: Path, redis: RedisServer) -> None:
     """Redis stopped: local sends 200, another replica's 503, /readyz says down; started again: all works."""
     one_server, one = replica(start_server, tmp_path, redis, "replica1")
     two_server, two = replica(start_server, tmp_path, redis, "replica2")
@@ -271,7 +226,7 @@ def test_redis_outage_and_return(start_server: Any, tmp_path: Path, redis: Redis
         assert err.rindex("actionloop: Redis reached") > err.index("actionloop: Redis unreachable"), err
 
 
-def test_redis_stall_then_back(start_server: Any, tmp_path: Path, redis: Redis) -> None:
+def test_redis_stall_then_back(start_server: Any, tmp_path: Path, redis: RedisServer) -> None:
     """Redis frozen for 5 s (connections kept, calls time out): then both replicas say up and register new connections."""
     one_server, one = replica(start_server, tmp_path, redis, "replica1")
     two_server, two = replica(start_server, tmp_path, redis, "replica2")
@@ -293,7 +248,7 @@ def test_redis_stall_then_back(start_server: Any, tmp_path: Path, redis: Redis) 
         assert receive(mine) == {"to": "one"} and receive(theirs) == {"to": "two"}
 
 
-def test_channel_cap_through_another_replica(start_server: Any, tmp_path: Path, redis: Redis) -> None:
+def test_channel_cap_through_another_replica(start_server: Any, tmp_path: Path, redis: RedisServer) -> None:
     """Through another replica too, a connection's 1,001st channel is a 400 (once its record shows 1,000)."""
     _, one = replica(start_server, tmp_path, redis, "replica1")
     two_server, two = replica(start_server, tmp_path, redis, "replica2")
@@ -307,14 +262,16 @@ def test_channel_cap_through_another_replica(start_server: Any, tmp_path: Path, 
         assert "one-more" not in two.call("GET", f"/connections/{them}")[1]["channels"]
 
 
-def redis_clients(redis: Redis) -> int:
+def redis_clients(redis: RedisServer) -> int:
     listed = subprocess.run(
         ["redis-cli", "-p", str(redis.port), "CLIENT", "LIST"], capture_output=True, check=True, timeout=TIMEOUT
     )
     return len(listed.stdout.splitlines()) - 1  # not redis-cli itself
 
 
-def test_a_burst_of_requests_shares_few_redis_connections(start_server: Any, tmp_path: Path, redis: Redis) -> None:
+def test_a_burst_of_requests_shares_few_redis_connections(
+    start_server: Any, tmp_path: Path, redis: RedisServer
+) -> None:
     """200 API calls at once, each needing Redis, all succeed over at most 16 Redis connections."""
     import concurrent.futures
 
