@@ -38,7 +38,7 @@ def kube_parser() -> argparse.ArgumentParser:
         help="name of the ConfigMap, Deployment, Service and Ingress (lowercase letters, digits and -)",
     )
     parser.add_argument("--path", default="/hello", type=ws_path, help="WebSocket path (default /hello)")
-    parser.add_argument("--host", default="", help="Ingress host; also the only allowed browser Origin")
+    parser.add_argument("--host", type=ingress_host, help="Ingress host; also the only allowed browser Origin")
     count = parser.add_mutually_exclusive_group()
     count.add_argument("--replicas", type=int, help="pods (default 1)")
     count.add_argument(
@@ -139,6 +139,15 @@ def dns_label(text: str) -> str:
     return object_name(text, DNS_LABEL, 63, "lowercase letters, digits and -, a letter or digit at each end")
 
 
+def ingress_host(text: str) -> str:
+    """--host: an Ingress rule's host (the API server takes no IP address and
+    no port), and the one browser Origin allowed, so no wildcard either."""
+    if re.fullmatch(r"[0-9.]+", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: an Ingress host is a name, not an IP address")
+    rule = "a host name (lowercase letters, digits, - and .), without port, scheme or wildcard"
+    return object_name(text, DNS_SUBDOMAIN, 253, rule)
+
+
 def app_name(text: str) -> str:
     """--name: the Service's name (a DNS-1035 label), and NAME-redis's too."""
     rule = "lowercase letters, digits and -, starting with a letter and ending with a letter or digit"
@@ -221,7 +230,7 @@ def print_manifests(args: argparse.Namespace) -> int:
         name=args.name,
         filename=args.file.name,
         path=args.path,
-        host=args.host,
+        host=args.host or "",
         replicas=1 if args.replicas is None else args.replicas,
         image=args.image or kube.DEFAULT_IMAGE,
         namespace=args.namespace or "",
